@@ -1,0 +1,23 @@
+"""cosmos3: omnimodal world models in the design of NVIDIA Cosmos 3."""
+
+from .models import (
+    ATTENTION_BACKENDS,
+    COSMOS3_PRESETS,
+    Cosmos3Layout,
+    Cosmos3Sample,
+    Cosmos3TextKVCache,
+    Cosmos3Transformer,
+    Cosmos3TransformerOutput,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "COSMOS3_PRESETS",
+    "Cosmos3Layout",
+    "Cosmos3Sample",
+    "Cosmos3TextKVCache",
+    "Cosmos3Transformer",
+    "Cosmos3TransformerOutput",
+]

@@ -1,0 +1,120 @@
+"""Helpers for tests and benchmarks: tiny random models and the reference (diffusers) oracle.
+
+The reference transformer takes one sample as a packed sequence plus index tensors built by its pipeline. We build
+those inputs here with the reference pipeline's own position-id functions, so a parity test checks our layout
+(positions, noisy masks, ordering) as well as our layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .models.layout import Cosmos3Sample
+from .models.transformer_cosmos3 import Cosmos3Transformer
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+    """Overwrite every parameter with seeded noise (norm weights around 1), so no layer is an identity."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator) * std
+            if "norm" in name.split(".")[-2:][0]:
+                noise = 1.0 + noise
+            param.copy_(noise.to(param.dtype))
+    return model
+
+
+def reference_transformer(model: Cosmos3Transformer):
+    """A `diffusers.Cosmos3OmniTransformer` with the same config and weights (loaded strictly)."""
+    from diffusers import Cosmos3OmniTransformer
+
+    init = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    reference = Cosmos3OmniTransformer(**init).to(model.dtype)
+    reference.load_state_dict(model.state_dict(), strict=True)
+    return reference.eval()
+
+
+def reference_inputs(
+    config,
+    sample: Cosmos3Sample,
+    vision: Tensor,
+    timestep: float,
+    *,
+    sound: Tensor | None = None,
+    action: Tensor | None = None,
+    temporal_compression: int = 4,
+) -> dict:
+    """Keyword arguments for `Cosmos3OmniTransformer.forward`, built as `Cosmos3OmniPipeline` builds them."""
+    from diffusers.pipelines.cosmos.pipeline_cosmos3_omni import (
+        get_3d_mrope_ids_text_tokens,
+        get_3d_mrope_ids_vae_tokens,
+    )
+
+    device = vision.device
+    p = config.latent_patch_size
+    ids = torch.as_tensor(sample.text_ids, dtype=torch.long, device=device)
+    und_len = ids.numel()
+    text_pos, next_offset = get_3d_mrope_ids_text_tokens(und_len, 0, use_float_positions=config.enable_fps_modulation)
+    media_offset = next_offset + config.unified_3d_mrope_temporal_modality_margin
+    fps = sample.fps if config.enable_fps_modulation else None
+
+    T, H, W = sample.vision_shape
+    ph, pw = -(-H // p), -(-W // p)
+    n_vision = T * ph * pw
+    noisy = [f for f in range(T) if f not in sample.vision_condition_frames]
+    vision_pos, _ = get_3d_mrope_ids_vae_tokens(
+        T, ph, pw, media_offset, reset_spatial_indices=config.unified_3d_mrope_reset_spatial_ids, fps=fps,
+        base_fps=float(config.base_fps), temporal_compression_factor=temporal_compression,
+    )
+    mse = [und_len + f * ph * pw + i for f in noisy for i in range(ph * pw)]
+    kwargs = dict(
+        input_ids=ids,
+        text_indexes=torch.arange(und_len, device=device),
+        und_len=und_len,
+        vision_tokens=[vision.unsqueeze(0)],
+        vision_token_shapes=[(T, ph, pw)],
+        vision_sequence_indexes=torch.arange(und_len, und_len + n_vision, device=device),
+        vision_mse_loss_indexes=torch.tensor(mse, dtype=torch.long, device=device),
+        vision_timesteps=torch.full((len(mse),), float(timestep), device=device),
+        vision_noisy_frame_indexes=[torch.tensor(noisy, dtype=torch.long, device=device)],
+    )
+    positions = [text_pos, vision_pos]
+    cursor = und_len + n_vision
+    if sample.sound_length:
+        S = sample.sound_length
+        sound_fps = float(config.sound_latent_fps) if config.enable_fps_modulation else None
+        sound_pos, _ = get_3d_mrope_ids_vae_tokens(
+            S, 1, 1, media_offset, reset_spatial_indices=config.unified_3d_mrope_reset_spatial_ids, fps=sound_fps,
+            base_fps=float(config.base_fps), temporal_compression_factor=1,
+        )
+        positions.append(sound_pos)
+        index = torch.arange(cursor, cursor + S, device=device)
+        kwargs.update(
+            sound_tokens=[sound], sound_token_shapes=[(S, 1, 1)], sound_sequence_indexes=index,
+            sound_mse_loss_indexes=index.clone(), sound_timesteps=torch.full((S,), float(timestep), device=device),
+            sound_noisy_frame_indexes=[torch.arange(S, device=device)],
+        )
+        cursor += S
+    if sample.action_length:
+        A = sample.action_length
+        action_noisy = [i for i in range(A) if i not in sample.action_condition_frames]
+        action_pos, _ = get_3d_mrope_ids_vae_tokens(
+            A, 1, 1, media_offset, reset_spatial_indices=config.unified_3d_mrope_reset_spatial_ids, fps=fps,
+            base_fps=float(config.base_fps), temporal_compression_factor=1,
+            base_temporal_compression_factor=temporal_compression, start_frame_offset=1,
+        )
+        positions.append(action_pos)
+        index = torch.arange(cursor, cursor + A, device=device)
+        kwargs.update(
+            action_tokens=[action], action_token_shapes=[(A, 1, 1)], action_sequence_indexes=index,
+            action_mse_loss_indexes=index[action_noisy],
+            action_timesteps=torch.full((len(action_noisy),), float(timestep), device=device),
+            action_noisy_frame_indexes=[torch.tensor(action_noisy, dtype=torch.long, device=device)],
+            action_domain_ids=[torch.tensor([sample.action_domain_id], device=device)],
+        )
+        cursor += A
+    kwargs["position_ids"] = torch.cat(positions, dim=1).to(device)
+    kwargs["sequence_length"] = cursor
+    return kwargs
