@@ -240,10 +240,8 @@ class Cosmos3Layout:
             vision_index.append(torch.arange(n_vision) + gen_offset)
             noisy_frames = [f for f in range(t) if f not in vision_cond]
             vision_noisy_frames.append(noisy_frames)
-            vision_noisy.append(
-                (torch.tensor(noisy_frames, dtype=torch.long).view(-1, 1) * per_frame + torch.arange(per_frame)).flatten()
-                + gen_offset
-            )
+            frame_starts = torch.tensor(noisy_frames, dtype=torch.long).view(-1, 1) * per_frame
+            vision_noisy.append((frame_starts + torch.arange(per_frame)).flatten() + gen_offset)
             cursor = gen_offset + n_vision
             if s.sound_length:
                 sound_fps = float(config.sound_latent_fps) if modulate else None

@@ -524,11 +524,9 @@ class Cosmos3Transformer(ModelMixin, ConfigMixin):
         action_list = _as_list("action", action, B) if action is not None else [None] * B
         self._check_inputs(layout, vision_list, sound_list, action_list)
         t_vision = _per_sample_timestep("timestep", timestep, B, device)
-        t_sound = _per_sample_timestep("sound_timestep", sound_timestep, B, device) if sound_timestep is not None else t_vision
+        t_sound = t_vision if sound_timestep is None else _per_sample_timestep("sound_timestep", sound_timestep, B, device)
         t_action = (
-            _per_sample_timestep("action_timestep", action_timestep, B, device)
-            if action_timestep is not None
-            else t_vision
+            t_vision if action_timestep is None else _per_sample_timestep("action_timestep", action_timestep, B, device)
         )
         if text_kv_cache is None:
             text_kv_cache = self.encode_text(layout)
@@ -555,7 +553,8 @@ class Cosmos3Transformer(ModelMixin, ConfigMixin):
             )
 
         # 2. Timestep embeddings on noisy tokens only (clean conditioning tokens carry none).
-        for name, t in (("vision_noisy_index", t_vision), ("sound_noisy_index", t_sound), ("action_noisy_index", t_action)):
+        per_modality = (("vision_noisy_index", t_vision), ("sound_noisy_index", t_sound), ("action_noisy_index", t_action))
+        for name, t in per_modality:
             index = layout.to_device(name, device)
             if index.numel():
                 temb = self.time_embedder(t * self.config.timestep_scale).to(dtype)  # [B, hidden]
@@ -752,7 +751,7 @@ def _check_checkpoint_keys(cls, folder: str) -> None:
     found: dict[str, tuple[int, ...]] = {}
     for path in files:
         with safe_open(path, framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 found[key] = tuple(f.get_slice(key).get_shape())
     config = cls.load_config(folder)
     with torch.device("meta"):
