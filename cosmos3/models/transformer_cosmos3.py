@@ -524,10 +524,8 @@ class Cosmos3Transformer(ModelMixin, ConfigMixin):
         action_list = _as_list("action", action, B) if action is not None else [None] * B
         self._check_inputs(layout, vision_list, sound_list, action_list)
         t_vision = _per_sample_timestep("timestep", timestep, B, device)
-        t_sound = t_vision if sound_timestep is None else _per_sample_timestep("sound_timestep", sound_timestep, B, device)
-        t_action = (
-            t_vision if action_timestep is None else _per_sample_timestep("action_timestep", action_timestep, B, device)
-        )
+        t_sound = _per_sample_timestep("sound_timestep", sound_timestep, B, device, default=t_vision)
+        t_action = _per_sample_timestep("action_timestep", action_timestep, B, device, default=t_vision)
         if text_kv_cache is None:
             text_kv_cache = self.encode_text(layout)
         elif text_kv_cache.text_lengths != layout.text_lengths or len(text_kv_cache.keys) != len(self.layers):
@@ -553,8 +551,8 @@ class Cosmos3Transformer(ModelMixin, ConfigMixin):
             )
 
         # 2. Timestep embeddings on noisy tokens only (clean conditioning tokens carry none).
-        per_modality = (("vision_noisy_index", t_vision), ("sound_noisy_index", t_sound), ("action_noisy_index", t_action))
-        for name, t in per_modality:
+        for name, t in (("vision_noisy_index", t_vision), ("sound_noisy_index", t_sound),
+                        ("action_noisy_index", t_action)):
             index = layout.to_device(name, device)
             if index.numel():
                 temb = self.time_embedder(t * self.config.timestep_scale).to(dtype)  # [B, hidden]
@@ -673,7 +671,9 @@ def _as_list(name: str, value, batch_size: int) -> list:
     return list(value)
 
 
-def _per_sample_timestep(name: str, value, batch_size: int, device) -> Tensor:
+def _per_sample_timestep(name: str, value, batch_size: int, device, default: Tensor | None = None) -> Tensor:
+    if value is None and default is not None:
+        return default
     t = torch.as_tensor(value, device=device)
     if t.is_complex() or not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
         raise TypeError(f"`{name}` must be a real number or tensor, got dtype {t.dtype}.")
