@@ -74,8 +74,8 @@ def sample_timesteps(
     """Draw `n` training timesteps in (0, 1) from `distribution`.
 
     * `logitnormal`: `sigmoid(N(logit_mean, logit_std))`;
-    * `waver`: `t = 1 - u - 1.29 * (cos^2(pi u / 2) - 1 + u)` with `u ~ U(0, 1)`, which spends more samples at
-      high noise than uniform (used for video);
+    * `waver`: `t = 1 - u - 1.29 * (cos^2(pi u / 2) - 1 + u)` with `u ~ U(0, 1)`: symmetric about 1/2, with
+      about half as many samples in each outer quarter as uniform (used for video);
     * `uniform`: `U(0, 1)`.
     """
     if not isinstance(n, int) or n < 1:
