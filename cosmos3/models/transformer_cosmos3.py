@@ -279,8 +279,9 @@ class Cosmos3Attention(nn.Module):
         q = self.norm_q(self.to_q(x).view(-1, self.num_heads, self.head_dim))  # [Nu, H, D]
         k = self.norm_k(self.to_k(x).view(-1, self.num_kv_heads, self.head_dim))  # [Nu, Hkv, D]
         v = self.to_v(x).view(-1, self.num_kv_heads, self.head_dim)  # [Nu, Hkv, D]
-        k_for_gen = self.k_norm_und_for_gen(k) if self.k_norm_und_for_gen is not None else k
-        q, k, k_for_gen = apply_rope(q, cos, sin), apply_rope(k, cos, sin), apply_rope(k_for_gen, cos, sin)
+        k_for_gen = self.k_norm_und_for_gen(k) if self.k_norm_und_for_gen is not None else None
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_for_gen = apply_rope(k_for_gen, cos, sin) if k_for_gen is not None else k
         out = und_attention(q, k, v, layout, backend)  # [Nu, H, D]
         return self.to_out(out.flatten(1)), (k_for_gen, v)
 
