@@ -20,6 +20,7 @@ C latent channels, B samples.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -314,26 +315,30 @@ class Cosmos3DecoderLayer(nn.Module):
         self.post_attention_layernorm = _norm(kind, hidden, eps)
         self.post_attention_layernorm_moe_gen = _norm(kind, hidden, eps)
 
-    def forward_und(
-        self, hidden: Tensor, rope: tuple[Tensor, Tensor], layout: Cosmos3Layout, backend: str
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        # 1. causal text attention (text tower weights)
-        attn, text_kv = self.self_attn.forward_und(self.input_layernorm(hidden), rope, layout, backend)
-        hidden = hidden + attn
-        # 2. MLP
-        hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
-        return hidden, text_kv
-
-    def forward_gen(
-        self, hidden: Tensor, text_kv: tuple[Tensor, Tensor], rope: tuple[Tensor, Tensor], layout: Cosmos3Layout,
+    def forward(
+        self,
+        und: Tensor | None,
+        gen: Tensor | None,
+        text_kv: tuple[Tensor, Tensor] | None,
+        rope: tuple[tuple[Tensor, Tensor] | None, tuple[Tensor, Tensor] | None],
+        layout: Cosmos3Layout,
         backend: str,
-    ) -> Tensor:
-        # 1. bidirectional attention over [text ‖ gen] (gen tower weights)
-        hidden = hidden + self.self_attn.forward_gen(
-            self.input_layernorm_moe_gen(hidden), text_kv, rope, layout, backend
-        )
-        # 2. MLP
-        return hidden + self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(hidden))
+    ) -> tuple[Tensor | None, Tensor | None, tuple[Tensor, Tensor]]:
+        """Advance the text stream `und` and/or the generation stream `gen` by one layer.
+
+        `und=None` skips the text tower; the generation tower then reads the cached `text_kv` of this layer.
+        `gen=None` runs the text tower only (building the cache). Returns `(und, gen, text_kv)`.
+        """
+        # 1. text tower: causal attention within each prompt, then MLP
+        if und is not None:
+            attn, text_kv = self.self_attn.forward_und(self.input_layernorm(und), rope[0], layout, backend)
+            und = und + attn
+            und = und + self.mlp(self.post_attention_layernorm(und))
+        # 2. generation tower: attention over [text ‖ gen] of the same sample, then MLP
+        if gen is not None:
+            gen = gen + self.self_attn.forward_gen(self.input_layernorm_moe_gen(gen), text_kv, rope[1], layout, backend)
+            gen = gen + self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(gen))
+        return und, gen, text_kv
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -475,22 +480,26 @@ class Cosmos3Transformer(ModelMixin, ConfigMixin):
         key = ("rope", stream, dtype, self.config.rope_theta, tuple(self.config.rope_axes_dim))
         return layout.cached(key, device, lambda: self.rotary_emb(positions.to(device), dtype))
 
+    def _layer(self, layer, und, gen, text_kv, rope, layout):
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(layer.__call__, und, gen, text_kv, rope, layout,
+                                                     self.attention_backend)
+        return layer(und, gen, text_kv, rope, layout, self.attention_backend)
+
+    def _embed_text(self, layout: Cosmos3Layout) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        device = self.embed_tokens.weight.device
+        und = self.embed_tokens(layout.to_device("text_ids", device))  # [Nu, hidden]
+        return und, self._rope(layout, "und", und.dtype, device)
+
     def encode_text(self, layout: Cosmos3Layout) -> Cosmos3TextKVCache:
         """Run the text tower over the layout's prompts; returns the keys/values the generation tower reads.
 
         The result depends on the prompts only: reuse it for every denoising step of the request.
         """
-        device = self.embed_tokens.weight.device
-        hidden = self.embed_tokens(layout.to_device("text_ids", device))  # [Nu, hidden]
-        rope = self._rope(layout, "und", hidden.dtype, device)
+        und, und_rope = self._embed_text(layout)
         keys, values = [], []
         for layer in self.layers:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                hidden, (k, v) = self._gradient_checkpointing_func(
-                    layer.forward_und, hidden, rope, layout, self.attention_backend
-                )
-            else:
-                hidden, (k, v) = layer.forward_und(hidden, rope, layout, self.attention_backend)
+            und, _, (k, v) = self._layer(layer, und, None, None, (und_rope, None), layout)
             keys.append(k)
             values.append(v)
         return Cosmos3TextKVCache(keys=keys, values=values, text_lengths=list(layout.text_lengths))
@@ -527,9 +536,9 @@ class Cosmos3Transformer(ModelMixin, ConfigMixin):
         t_vision = _per_sample_timestep("timestep", timestep, B, device)
         t_sound = _per_sample_timestep("sound_timestep", sound_timestep, B, device, default=t_vision)
         t_action = _per_sample_timestep("action_timestep", action_timestep, B, device, default=t_vision)
-        if text_kv_cache is None:
-            text_kv_cache = self.encode_text(layout)
-        elif text_kv_cache.text_lengths != layout.text_lengths or len(text_kv_cache.keys) != len(self.layers):
+        if text_kv_cache is not None and (
+            text_kv_cache.text_lengths != layout.text_lengths or len(text_kv_cache.keys) != len(self.layers)
+        ):
             raise ValueError(
                 f"`text_kv_cache` was built for prompts of lengths {text_kv_cache.text_lengths} "
                 f"({len(text_kv_cache.keys)} layers), but the layout has {layout.text_lengths} "
@@ -559,15 +568,13 @@ class Cosmos3Transformer(ModelMixin, ConfigMixin):
                 temb = self.time_embedder(t * self.config.timestep_scale).to(dtype)  # [B, hidden]
                 hidden = hidden.index_add(0, index, temb[gen_sample_ids[index]])
 
-        # 3. Generation tower, reading the text keys/values of each layer.
-        rope = self._rope(layout, "gen", dtype, device)
-        for layer, k, v in zip(self.layers, text_kv_cache.keys, text_kv_cache.values):
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                hidden = self._gradient_checkpointing_func(
-                    layer.forward_gen, hidden, (k, v), rope, layout, self.attention_backend
-                )
-            else:
-                hidden = layer.forward_gen(hidden, (k, v), rope, layout, self.attention_backend)
+        # 3. The layers: the generation tower reads each layer's text keys/values, from the cache or computed
+        #    alongside (training, or a one-off call).
+        und, und_rope = self._embed_text(layout) if text_kv_cache is None else (None, None)
+        rope = (und_rope, self._rope(layout, "gen", dtype, device))
+        for i, layer in enumerate(self.layers):
+            text_kv = None if text_kv_cache is None else (text_kv_cache.keys[i], text_kv_cache.values[i])
+            und, hidden, _ = self._layer(layer, und, hidden, text_kv, rope, layout)
         hidden = self.norm_moe_gen(hidden)
 
         # 4. Heads on noisy tokens; clean frames and tokens come back as zeros.
@@ -709,8 +716,6 @@ def _validate_config(cfg) -> None:
 
 def _check_config_keys(cls, config_dict: dict) -> None:
     """Unknown keys are errors; published metadata keys are accepted when they describe this architecture."""
-    import inspect
-
     init_keys = set(inspect.signature(cls.__init__).parameters) - {"self"}
     unknown = sorted(
         k for k in config_dict
