@@ -347,3 +347,18 @@ def test_state_dict_names_equal_reference():
         ours = Cosmos3Transformer(**config).state_dict()
         theirs = Cosmos3OmniTransformer(**config).state_dict()
         assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}, name
+
+
+def test_compile_repeated_blocks_fullgraph():
+    """Regional compilation (diffusers `compile_repeated_blocks`) compiles each layer without graph breaks."""
+    model = make_model("sound_action")
+    cfg = model.config
+    samples = [make_sample(cfg, text_len=n, vision_shape=(2, 2, 4), seed=n) for n in (4, 9)]
+    layout = model.build_layout(samples)
+    latents = torch.randn(2, cfg.latent_channel, 2, 2, 4)
+    with torch.no_grad():
+        cache = model.encode_text(layout)
+        eager = model(layout, latents, 300.0, text_kv_cache=cache).sample
+        model.compile_repeated_blocks(fullgraph=True)
+        compiled = model(layout, latents, 300.0, text_kv_cache=cache).sample
+    assert max_diff(eager, compiled) <= 1e-5
