@@ -639,29 +639,21 @@ class Cosmos3Transformer(ModelMixin, ConfigMixin):
 
     def _check_inputs(self, layout, vision, sound, action) -> None:
         cfg = self.config
-        for b, (s, x) in enumerate(zip(layout.samples, vision)):
-            expected = (cfg.latent_channel, *s.vision_shape)
-            if not isinstance(x, Tensor) or not x.is_floating_point() or tuple(x.shape) != expected:
-                got = f"shape {tuple(x.shape)} dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
-                raise ValueError(f"vision[{b}] must be a floating tensor of shape {expected} (C, T, H, W), got {got}.")
-        for b, (s, x) in enumerate(zip(layout.samples, sound)):
-            if s.sound_length == 0:
-                if x is not None:
-                    raise ValueError(f"sound[{b}] was given but samples[{b}].sound_length is 0.")
-                continue
-            expected = (cfg.sound_dim, s.sound_length)
-            if not isinstance(x, Tensor) or not x.is_floating_point() or tuple(x.shape) != expected:
-                got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else repr(x)
-                raise ValueError(f"sound[{b}] must be a floating tensor of shape {expected} (C_s, T_s), got {got}.")
-        for b, (s, x) in enumerate(zip(layout.samples, action)):
-            if s.action_length == 0:
-                if x is not None:
-                    raise ValueError(f"action[{b}] was given but samples[{b}].action_length is 0.")
-                continue
-            expected = (s.action_length, cfg.action_dim)
-            if not isinstance(x, Tensor) or not x.is_floating_point() or tuple(x.shape) != expected:
-                got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else repr(x)
-                raise ValueError(f"action[{b}] must be a floating tensor of shape {expected} (T_a, D), got {got}.")
+        modalities = (
+            ("vision", vision, lambda s: (cfg.latent_channel, *s.vision_shape), "(C, T, H, W)", None),
+            ("sound", sound, lambda s: (cfg.sound_dim, s.sound_length), "(C_s, T_s)", "sound_length"),
+            ("action", action, lambda s: (s.action_length, cfg.action_dim), "(T_a, D)", "action_length"),
+        )
+        for name, values, shape_of, axes, length_field in modalities:
+            for b, (s, x) in enumerate(zip(layout.samples, values)):
+                if length_field is not None and getattr(s, length_field) == 0:
+                    if x is not None:
+                        raise ValueError(f"{name}[{b}] was given but samples[{b}].{length_field} is 0.")
+                    continue
+                expected = shape_of(s)
+                if not isinstance(x, Tensor) or not x.is_floating_point() or tuple(x.shape) != expected:
+                    got = f"shape {tuple(x.shape)} dtype {x.dtype}" if isinstance(x, Tensor) else repr(x)
+                    raise ValueError(f"{name}[{b}] must be a floating tensor of shape {expected} {axes}, got {got}.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
