@@ -319,7 +319,9 @@ class Cosmos3Layout:
     def cached(self, key, device: torch.device, make):
         full_key = (key, str(device))
         if full_key not in self._cache:
-            self._cache[full_key] = make()
+            # A tensor made under inference_mode could never be used by autograd later (training on this layout).
+            with torch.inference_mode(False):
+                self._cache[full_key] = make()
         return self._cache[full_key]
 
     def to_device(self, name: str, device: torch.device) -> Tensor:

@@ -71,7 +71,8 @@ _CONFIG_METADATA_REQUIRED = {
 }
 _CONFIG_METADATA_FREE = {
     "dtype", "freeze_und", "initializer_range", "max_action_dim", "max_position_embeddings", "model_type", "qk_norm",
-    "temporal_compression_factor", "temporal_compression_factor_sound", "use_cache", "backbone_type",
+    "temporal_compression_factor", "temporal_compression_factor_sound", "use_cache", "backbone_type", "torch_dtype",
+    "architectures",
 }
 
 
@@ -94,11 +95,12 @@ class Cosmos3TransformerOutput(BaseOutput):
 class Cosmos3TextKVCache:
     """Per-layer text keys/values as the generation tower reads them (after norm and RoPE).
 
-    keys[i], values[i]: `[Nu, Hkv, D]` for layer i, packed over the batch's prompts (`text_lengths`).
+    keys[i], values[i]: `[Nu, Hkv, D]` for layer i, packed over the batch's prompts (`text_ids`, `text_lengths`).
     """
 
     keys: list[Tensor]
     values: list[Tensor]
+    text_ids: Tensor
     text_lengths: list[int]
 
 
@@ -173,12 +175,18 @@ class DomainAwareLinear(nn.Module):
         self.bias = nn.Embedding(num_domains, output_size)
 
     def forward(self, x: Tensor, domain_ids: Tensor) -> Tensor:
-        # Tokens of one domain share one matmul, rather than gathering an [in, out] matrix per token.
-        out = x.new_empty(x.shape[0], self.output_size)
-        for domain in domain_ids.unique().tolist():
+        # Tokens of one domain share one matmul, rather than gathering an [in, out] matrix per token. The tables
+        # are read through their modules so that hooks (layerwise casting, offloading) see the access.
+        domains = domain_ids.unique()
+        weights = self.fc(domains).view(-1, self.input_size, self.output_size)  # [U, in, out]
+        biases = self.bias(domains)  # [U, out]
+        out = None
+        for i, domain in enumerate(domains.tolist()):
             rows = (domain_ids == domain).nonzero().squeeze(1)
-            weight = self.fc.weight[domain].view(self.input_size, self.output_size)
-            out[rows] = x[rows] @ weight + self.bias.weight[domain]
+            y = x[rows] @ weights[i] + biases[i]
+            if out is None:
+                out = y.new_empty(x.shape[0], self.output_size)
+            out[rows] = y
         return out
 
 
@@ -451,14 +459,23 @@ class Cosmos3Transformer(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """`ModelMixin.from_pretrained`, safetensors only, with every parameter name and shape checked first."""
+        """`ModelMixin.from_pretrained`, safetensors only, strict: a missing, unexpected or misshaped tensor fails.
+
+        A local folder is checked before anything is loaded (the error lists the offending names); anything else
+        (a Hub id resolved from the local cache) is checked from the loader's report.
+        """
         if kwargs.get("use_safetensors") is False:
             raise ValueError("Cosmos3Transformer loads safetensors only (`use_safetensors=False` is not supported).")
         kwargs["use_safetensors"] = True
         folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
         if os.path.isdir(folder):
-            _check_checkpoint_keys(cls, folder)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            _check_checkpoint_keys(cls, folder, kwargs.get("variant"))
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
+        if problems:
+            raise ValueError(f"Checkpoint {pretrained_model_name_or_path!r} does not match its config: {problems}.")
+        return (model, info) if wants_info else model
 
     def set_attention_backend(self, backend: str) -> None:
         """Select the attention kernel: `native` (SDPA, default), `flex`, or `flash_varlen`."""
@@ -502,7 +519,9 @@ class Cosmos3Transformer(ModelMixin, ConfigMixin):
             und, _, (k, v) = self._layer(layer, und, None, None, (und_rope, None), layout)
             keys.append(k)
             values.append(v)
-        return Cosmos3TextKVCache(keys=keys, values=values, text_lengths=list(layout.text_lengths))
+        return Cosmos3TextKVCache(
+            keys=keys, values=values, text_ids=layout.text_ids, text_lengths=list(layout.text_lengths)
+        )
 
     def forward(
         self,
@@ -537,41 +556,45 @@ class Cosmos3Transformer(ModelMixin, ConfigMixin):
         t_sound = _per_sample_timestep("sound_timestep", sound_timestep, B, device, default=t_vision)
         t_action = _per_sample_timestep("action_timestep", action_timestep, B, device, default=t_vision)
         if text_kv_cache is not None and (
-            text_kv_cache.text_lengths != layout.text_lengths or len(text_kv_cache.keys) != len(self.layers)
+            text_kv_cache.text_lengths != layout.text_lengths
+            or len(text_kv_cache.keys) != len(self.layers)
+            or not torch.equal(text_kv_cache.text_ids, layout.text_ids)
         ):
             raise ValueError(
-                f"`text_kv_cache` was built for prompts of lengths {text_kv_cache.text_lengths} "
-                f"({len(text_kv_cache.keys)} layers), but the layout has {layout.text_lengths} "
-                f"({len(self.layers)} layers); build it with `encode_text(layout)`."
+                f"`text_kv_cache` was built for other prompts (lengths {text_kv_cache.text_lengths}, "
+                f"{len(text_kv_cache.keys)} layers) than the layout's (lengths {layout.text_lengths}, "
+                f"{len(self.layers)} layers); build it with `encode_text(layout)`."
             )
 
         # 1. Embed the generated modalities into the packed gen stream [Ng, hidden].
         gen_sample_ids = layout.to_device("gen_sample_ids", device)
-        hidden = torch.zeros(sum(layout.gen_lengths), self.config.hidden_size, dtype=dtype, device=device)
         patches = torch.cat([self._patchify(x.to(device, dtype)) for x in vision_list])  # [Nv, p*p*C]
-        hidden[layout.to_device("vision_index", device)] = self.proj_in(patches)
+        vision_tokens = self.proj_in(patches)
+        # The stream takes the dtype the projections produce (the weights', or autocast's).
+        hidden = vision_tokens.new_zeros(sum(layout.gen_lengths), self.config.hidden_size)
+        hidden[layout.to_device("vision_index", device)] = vision_tokens
         if layout.sound_index.numel():
             frames = torch.cat([s.to(device, dtype).T for s in sound_list if s is not None])  # [Ns, C_s]
-            hidden[layout.to_device("sound_index", device)] = self.audio_proj_in(frames) + self.audio_modality_embed
+            sound_tokens = self.audio_proj_in(frames) + self.audio_modality_embed
+            hidden[layout.to_device("sound_index", device)] = sound_tokens.to(hidden.dtype)
         if layout.action_index.numel():
             tokens = torch.cat([a.to(device, dtype) for a in action_list if a is not None])  # [Na, action_dim]
             domains = layout.to_device("action_domain_ids", device)
-            hidden[layout.to_device("action_index", device)] = (
-                self.action_proj_in(tokens, domains) + self.action_modality_embed
-            )
+            action_tokens = self.action_proj_in(tokens, domains) + self.action_modality_embed
+            hidden[layout.to_device("action_index", device)] = action_tokens.to(hidden.dtype)
 
         # 2. Timestep embeddings on noisy tokens only (clean conditioning tokens carry none).
         for name, t in (("vision_noisy_index", t_vision), ("sound_noisy_index", t_sound),
                         ("action_noisy_index", t_action)):
             index = layout.to_device(name, device)
             if index.numel():
-                temb = self.time_embedder(t * self.config.timestep_scale).to(dtype)  # [B, hidden]
+                temb = self.time_embedder(t * self.config.timestep_scale).to(hidden.dtype)  # [B, hidden]
                 hidden = hidden.index_add(0, index, temb[gen_sample_ids[index]])
 
         # 3. The layers: the generation tower reads each layer's text keys/values, from the cache or computed
         #    alongside (training, or a one-off call).
         und, und_rope = self._embed_text(layout) if text_kv_cache is None else (None, None)
-        rope = (und_rope, self._rope(layout, "gen", dtype, device))
+        rope = (und_rope, self._rope(layout, "gen", hidden.dtype, device))
         for i, layer in enumerate(self.layers):
             text_kv = None if text_kv_cache is None else (text_kv_cache.keys[i], text_kv_cache.values[i])
             und, hidden, _ = self._layer(layer, und, hidden, text_kv, rope, layout)
@@ -727,14 +750,24 @@ def _check_config_keys(cls, config_dict: dict) -> None:
     rope_scaling = config_dict.get("rope_scaling") or {}
     if rope_scaling.get("mrope_interleaved", True) is not True:
         raise ValueError("Config `rope_scaling.mrope_interleaved=False` is not supported (interleaved mRoPE only).")
+    if rope_scaling.get("rope_type", "default") != "default":
+        raise ValueError(
+            f"Config `rope_scaling.rope_type`={rope_scaling['rope_type']!r} is not supported (only 'default')."
+        )
+    section, axes = rope_scaling.get("mrope_section"), config_dict.get("rope_axes_dim")
+    if section is not None and axes is not None and list(section) != list(axes):
+        raise ValueError(
+            f"Config `rope_scaling.mrope_section`={list(section)} contradicts `rope_axes_dim`={list(axes)}."
+        )
 
 
-def _check_checkpoint_keys(cls, folder: str) -> None:
+def _check_checkpoint_keys(cls, folder: str, variant: str | None = None) -> None:
     """Compare the safetensors files' names and shapes with the model the config builds; raise on any difference."""
     from safetensors import safe_open
 
-    index = os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")
-    single = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    tag = f".{variant}" if variant else ""  # diffusers' variant naming: name.<variant>.safetensors
+    index = os.path.join(folder, f"diffusion_pytorch_model.safetensors.index{tag}.json")
+    single = os.path.join(folder, f"diffusion_pytorch_model{tag}.safetensors")
     if os.path.exists(index):
         with open(index) as f:
             files = sorted(set(json.load(f)["weight_map"].values()))
@@ -743,8 +776,7 @@ def _check_checkpoint_keys(cls, folder: str) -> None:
         files = [single]
     else:
         raise FileNotFoundError(
-            f"No `diffusion_pytorch_model.safetensors` (or its `.index.json`) in {folder}; Cosmos3Transformer "
-            "loads safetensors only."
+            f"No `{os.path.basename(single)}` (or its index) in {folder}; Cosmos3Transformer loads safetensors only."
         )
     found: dict[str, tuple[int, ...]] = {}
     for path in files:

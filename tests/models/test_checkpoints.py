@@ -141,3 +141,47 @@ def test_invalid_constructor_arguments():
         Cosmos3Transformer.from_preset("tiny", action_dim=None)
     with pytest.raises(ValueError, match="patch_latent_dim"):
         Cosmos3Transformer.from_preset("tiny", patch_latent_dim=30)
+
+
+def _fake_hub_cache(root, model):
+    """A Hugging Face cache holding `fake/cosmos3` with a transformer/ subfolder, as an offline download leaves it."""
+    snapshot = root / "models--fake--cosmos3" / "snapshots" / ("0" * 40)
+    model.save_pretrained(snapshot / "transformer")
+    (root / "models--fake--cosmos3" / "refs").mkdir(parents=True)
+    (root / "models--fake--cosmos3" / "refs" / "main").write_text("0" * 40)
+    return snapshot / "transformer" / "diffusion_pytorch_model.safetensors"
+
+
+def test_hub_cache_loads_and_is_checked_strictly(tiny_model, tmp_path):
+    weights = _fake_hub_cache(tmp_path, tiny_model)
+    loaded = Cosmos3Transformer.from_pretrained("fake/cosmos3", subfolder="transformer", cache_dir=tmp_path)
+    assert torch.equal(loaded.proj_out.weight, tiny_model.proj_out.weight)
+    tensors = load_file(weights)
+    del tensors["proj_out.weight"]
+    tensors["bogus.weight"] = torch.zeros(1)
+    save_file(tensors, weights)
+    with pytest.raises(ValueError, match="proj_out.weight"):
+        Cosmos3Transformer.from_pretrained("fake/cosmos3", subfolder="transformer", cache_dir=tmp_path)
+
+
+def test_variant_folders_load(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path, variant="bf16")
+    loaded = Cosmos3Transformer.from_pretrained(tmp_path, variant="bf16")
+    assert torch.equal(loaded.proj_in.weight, tiny_model.proj_in.weight)
+
+
+@pytest.mark.parametrize(
+    "rope_scaling,match",
+    [
+        ({"rope_type": "yarn", "factor": 4.0}, "rope_type"),
+        ({"mrope_section": [2, 4, 2]}, "contradicts `rope_axes_dim`"),
+        ({"mrope_interleaved": False}, "mrope_interleaved"),
+    ],
+)
+def test_unsupported_rope_settings_are_errors(tiny_model, tmp_path, rope_scaling, match):
+    tiny_model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_scaling"] = rope_scaling
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=match):
+        Cosmos3Transformer.from_pretrained(tmp_path)

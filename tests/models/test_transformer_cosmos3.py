@@ -362,3 +362,51 @@ def test_compile_repeated_blocks_fullgraph():
         model.compile_repeated_blocks(fullgraph=True)
         compiled = model(layout, latents, 300.0, text_kv_cache=cache).sample
     assert max_diff(eager, compiled) <= 1e-5
+
+
+def test_layout_used_under_inference_mode_still_trains():
+    model = make_model("sound_action")
+    samples, inputs, timesteps = mixed_batch(model.config)
+    layout = model.build_layout(samples)
+    kwargs = dict(sound=[x[1] for x in inputs], action=[x[2] for x in inputs])
+    with torch.inference_mode():
+        model(layout, [x[0] for x in inputs], torch.tensor(timesteps), **kwargs)
+    out = model(layout, [x[0] for x in inputs], torch.tensor(timesteps), **kwargs)
+    sum(v.sum() for v in out.sample).backward()
+    assert model.proj_in.weight.grad is not None
+
+
+def test_autocast_over_float32_weights():
+    model = make_model("sound_action")
+    samples, inputs, timesteps = mixed_batch(model.config)
+    full = run_ours(model, samples, inputs, timesteps)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = run_ours(model, samples, inputs, timesteps)
+    for a, b in zip(full.sample, mixed.sample):
+        assert b.dtype == torch.bfloat16
+        assert max_diff(a, b.float()) <= 0.05 * a.abs().max()
+
+
+def test_layerwise_casting_matches_reference():
+    """Weights stored in bf16, computed in fp32 (diffusers layerwise casting), action heads included."""
+    model = make_model("sound_action")
+    reference = reference_transformer(model)
+    for m in (model, reference):
+        m.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    cfg = model.config
+    sample = make_sample(cfg, vision_shape=(3, 3, 5), cond=(0,), sound=4, action=5, action_cond=(0,))
+    inputs = make_inputs(cfg, sample)
+    out = run_ours(model, [sample], [inputs], [250.0])
+    ref_v, ref_s, ref_a = run_reference(reference, cfg, sample, inputs, 250.0)
+    assert max_diff(out.sample[0], ref_v) <= 1e-5
+    assert max_diff(out.action[0], ref_a) <= 1e-5
+
+
+def test_text_cache_from_other_prompts_of_the_same_lengths_is_refused():
+    model = make_model("gqa2")
+    cfg = model.config
+    a, b = make_sample(cfg, text_len=6, seed=1), make_sample(cfg, text_len=6, seed=2)
+    cache = model.encode_text(model.build_layout([a, b]))
+    swapped = model.build_layout([b, a])
+    with pytest.raises(ValueError, match="text_kv_cache"):
+        model(swapped, [torch.randn(cfg.latent_channel, *a.vision_shape)] * 2, 1.0, text_kv_cache=cache)
