@@ -121,9 +121,10 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
     global _compiled_flex
     fn = flex_attention
     if q.is_cuda:
-        # Eager flex materializes the scores; compiled flex is the fused kernel it exists for.
+        # Eager flex materializes the scores; compiled flex is the fused kernel it exists for. Default (automatic)
+        # dynamic shapes: one recompile for a new length, instead of one per length until the recompile limit.
         if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+            _compiled_flex = torch.compile(flex_attention)
         fn = _compiled_flex
     # [N, h, D] -> [1, h, N, D]
     out = fn(
@@ -148,8 +149,10 @@ def _flex_masks(layout: Cosmos3Layout, device: torch.device):
         def same_sample(b, h, q_idx, kv_idx):
             return gen_ids[q_idx] == key_ids[kv_idx]
 
-        und_mask = create_block_mask(causal_same_sample, None, None, nu, nu, device=device)
-        gen_mask = create_block_mask(same_sample, None, None, ng, nu + ng, device=device)
+        # On GPU, build the masks with a compiled kernel: the eager path materializes a dense [Q, KV] bool mask.
+        compile_mask = device.type == "cuda"
+        und_mask = create_block_mask(causal_same_sample, None, None, nu, nu, device=device, _compile=compile_mask)
+        gen_mask = create_block_mask(same_sample, None, None, ng, nu + ng, device=device, _compile=compile_mask)
         return und_mask, gen_mask
 
     return layout.cached("flex_masks", device, make)
