@@ -33,6 +33,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import Tensor, nn
 
+from ..tokenizers.vision import patchify, unpatchify
 from .attention import gen_attention, resolve_backend, und_attention
 from .layout import Cosmos3Layout
 
@@ -568,7 +569,8 @@ class Cosmos3Transformer(ModelMixin, ConfigMixin):
 
         # 1. Embed the generated modalities into the packed gen stream [Ng, hidden].
         gen_sample_ids = layout.to_device("gen_sample_ids", device)
-        patches = torch.cat([self._patchify(x.to(device, dtype)) for x in vision_list])  # [Nv, p*p*C]
+        p = self.config.latent_patch_size
+        patches = torch.cat([patchify(x.to(device, dtype), p) for x in vision_list])  # [Nv, p*p*C]
         vision_tokens = self.proj_in(patches)
         # The stream takes the dtype the projections produce (the weights', or autocast's).
         hidden = vision_tokens.new_zeros(sum(layout.gen_lengths), self.config.hidden_size)
@@ -634,17 +636,8 @@ class Cosmos3Transformer(ModelMixin, ConfigMixin):
         return Cosmos3TransformerOutput(sample=vision_out, sound=sound_out, action=action_out)
 
     # -------------------------------------------------------------------------------------------------------
-    # Patchify, checks
+    # Unpatchify, checks
     # -------------------------------------------------------------------------------------------------------
-
-    def _patchify(self, latent: Tensor) -> Tensor:
-        """`[C, T, H, W]` -> `[T*h*w, p*p*C]` patches in (t, h, w) order; odd H/W are zero-padded to p."""
-        p = self.config.latent_patch_size
-        C, T, H, W = latent.shape
-        latent = F.pad(latent, (0, -W % p, 0, -H % p))
-        h, w = latent.shape[2] // p, latent.shape[3] // p
-        latent = latent.reshape(C, T, h, p, w, p)
-        return latent.permute(1, 2, 4, 3, 5, 0).reshape(T * h * w, p * p * C)  # [t h w (p q c)]
 
     def _unpatchify(self, pred: Tensor, layout: Cosmos3Layout, vision: list[Tensor]) -> list[Tensor]:
         p = self.config.latent_patch_size
@@ -652,10 +645,8 @@ class Cosmos3Transformer(ModelMixin, ConfigMixin):
         for (T, h, w), noisy, x in zip(layout.vision_grids, layout.vision_noisy_frames, vision):
             C, _, H, W = x.shape
             n = len(noisy) * h * w
-            patches = pred[start : start + n].reshape(len(noisy), h, w, p, p, C)
-            frames = patches.permute(5, 0, 1, 3, 2, 4).reshape(C, len(noisy), h * p, w * p)[:, :, :H, :W]
             full = pred.new_zeros(C, T, H, W)
-            full[:, noisy] = frames
+            full[:, noisy] = unpatchify(pred[start : start + n], (C, len(noisy), H, W), p)
             outputs.append(full)
             start += n
         return outputs

@@ -1,0 +1,191 @@
+"""Vision tokenizer: the Wan 2.2 VAE (16x16 spatial, 4x temporal, 48 channels) as Cosmos 3 uses it.
+
+* Latents are normalized per channel with the VAE's `latents_mean` / `latents_std`, computed in the VAE's dtype
+  exactly as the reference pipeline does (`(mu - mean) * (1 / std)`), from the posterior mode (no sampling).
+* Sizes are checked, never rounded: frames must be `1 + 4k` (the causal VAE encodes the first frame alone, then
+  groups of 4; other counts would silently lose frames), height and width multiples of 16.
+* `iter_decode` decodes one latent frame at a time, carrying the causal convolution cache, so a long video decodes
+  with memory bounded by one chunk (1 frame, then 4 per latent frame) instead of the whole clip; the frames are
+  identical to a one-shot `decode`. `decode(tiled=True)` additionally tiles spatially (the VAE's own tiling).
+* `patchify` / `unpatchify`: the 2x2 latent patches the transformer reads, `(t, h, w)` order, `(p, q, c)` inside.
+* Conditioning images are resized preserving aspect ratio to cover the canvas, then centre-cropped (as the
+  reference); videos go through diffusers' `VideoProcessor` exactly as the reference pipeline calls it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def patchify(latent: Tensor, patch_size: int = 2) -> Tensor:
+    """`[C, T, H, W]` -> `[T*h*w, p*p*C]` patches in (t, h, w) order; odd H/W are zero-padded up to p."""
+    p = patch_size
+    C, T, H, W = latent.shape
+    latent = F.pad(latent, (0, -W % p, 0, -H % p))
+    h, w = latent.shape[2] // p, latent.shape[3] // p
+    latent = latent.reshape(C, T, h, p, w, p)
+    return latent.permute(1, 2, 4, 3, 5, 0).reshape(T * h * w, p * p * C)  # [t h w (p q c)]
+
+
+def unpatchify(patches: Tensor, shape: tuple[int, int, int, int], patch_size: int = 2) -> Tensor:
+    """Inverse of `patchify` for a latent of `shape` `(C, T, H, W)`: `[T*h*w, p*p*C]` -> `[C, T, H, W]`."""
+    p = patch_size
+    C, T, H, W = shape
+    h, w = -(-H // p), -(-W // p)
+    patches = patches.reshape(T, h, w, p, p, C)
+    return patches.permute(5, 0, 1, 3, 2, 4).reshape(C, T, h * p, w * p)[:, :, :H, :W]
+
+
+def preprocess_image(image, height: int, width: int) -> Tensor:
+    """One RGB image (PIL, `[H, W, 3]` array, or `[3, H, W]` tensor) -> `[1, 3, height, width]` in [-1, 1].
+
+    Integer input is read as 0..255; float input as [-1, 1] when it has negative values, [0, 1] when its maximum is
+    at most 1, else 0..255. The image is resized (bilinear, antialiased) to cover the canvas, centre-cropped, and
+    quantized to 8 bits, as the reference does.
+    """
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        image = torch.from_numpy(np.array(image.convert("RGB"), copy=True)).permute(2, 0, 1).unsqueeze(0)
+    elif isinstance(image, np.ndarray):
+        image = torch.from_numpy(image)
+        image = (image.unsqueeze(0) if image.ndim == 3 else image).permute(0, 3, 1, 2)
+    elif isinstance(image, Tensor):
+        image = image.unsqueeze(0) if image.ndim == 3 else image
+    else:
+        raise TypeError(f"`image` must be a PIL image, numpy array or tensor, got {type(image).__name__}.")
+    if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3:
+        raise ValueError(f"`image` must be one RGB image, got shape {tuple(image.shape)}.")
+    integer = not image.is_floating_point()
+    image = image.to(torch.float32)
+    if not integer:
+        if image.min() < 0:
+            image = (image + 1.0) * 127.5
+        elif image.max() <= 1.0:
+            image = image * 255.0
+    src_h, src_w = image.shape[-2:]
+    scale = max(width / src_w, height / src_h)
+    resized_h, resized_w = math.ceil(scale * src_h), math.ceil(scale * src_w)
+    image = F.interpolate(image, size=(resized_h, resized_w), mode="bilinear", align_corners=False, antialias=True)
+    top, left = round((resized_h - height) / 2), round((resized_w - width) / 2)
+    image = image[:, :, top : top + height, left : left + width]
+    return image.round().clamp(0, 255) / 127.5 - 1.0
+
+
+def preprocess_video(video, height: int | None = None, width: int | None = None) -> Tensor:
+    """A clip (list of PIL frames, `[T, H, W, 3]` array, or tensor) -> `[1, 3, T, H, W]` in [-1, 1].
+
+    The reference pipeline runs diffusers' `VideoProcessor(vae_scale_factor=16, resample="bilinear")` on
+    conditioning videos; we call it the same way so the conditioning frames are identical.
+    """
+    from diffusers.video_processor import VideoProcessor
+
+    return VideoProcessor(vae_scale_factor=16, resample="bilinear").preprocess_video(video, height=height, width=width)
+
+
+def postprocess_video(video: Tensor) -> np.ndarray:
+    """`[B, 3, T, H, W]` in [-1, 1] -> uint8 `[B, T, H, W, 3]`."""
+    video = ((video.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return video.permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+class Cosmos3VisionTokenizer:
+    """Pixels <-> normalized latents with a diffusers `AutoencoderKLWan` (Wan 2.2 layout: `patch_size=2`)."""
+
+    def __init__(self, vae):
+        self.vae = vae
+        self.spatial_factor = int(vae.config.scale_factor_spatial)
+        self.temporal_factor = int(vae.config.scale_factor_temporal)
+        self.latent_channels = int(vae.config.z_dim)
+
+    def _stats(self, device) -> tuple[Tensor, Tensor]:
+        # In the VAE's dtype, inverse included, like the reference: bf16 VAEs get bf16 statistics.
+        dtype = self.vae.dtype
+        mean = torch.tensor(self.vae.config.latents_mean, dtype=dtype)
+        inv_std = 1.0 / torch.tensor(self.vae.config.latents_std, dtype=dtype)
+        return mean.to(device).view(1, -1, 1, 1, 1), inv_std.to(device).view(1, -1, 1, 1, 1)
+
+    def check_size(self, num_frames: int, height: int, width: int) -> None:
+        """Raise unless `num_frames` is `1 + 4k` and `height`/`width` are multiples of 16 (never rounds)."""
+        tf, sf = self.temporal_factor, self.spatial_factor
+        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % tf:
+            valid = ", ".join(str(1 + tf * k) for k in range(4))
+            raise ValueError(f"`num_frames` must be 1 + {tf}k ({valid}, ...), got {num_frames!r}.")
+        if height < sf or width < sf or height % sf or width % sf:
+            raise ValueError(f"`height` and `width` must be positive multiples of {sf}, got ({height}, {width}).")
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """`(C, T, H, W)` of the latents of a `num_frames x height x width` clip."""
+        self.check_size(num_frames, height, width)
+        tf, sf = self.temporal_factor, self.spatial_factor
+        return self.latent_channels, (num_frames - 1) // tf + 1, height // sf, width // sf
+
+    def normalize(self, raw: Tensor) -> Tensor:
+        mean, inv_std = self._stats(raw.device)
+        return (raw - mean) * inv_std
+
+    def denormalize(self, latents: Tensor) -> Tensor:
+        mean, inv_std = self._stats(latents.device)
+        return latents.to(self.vae.dtype) / inv_std + mean
+
+    @torch.no_grad()
+    def encode(self, video: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        """`[B, 3, T, H, W]` in [-1, 1] -> normalized latents `[B, C, T', H/16, W/16]` in the input dtype.
+
+        The posterior mode by default (as the reference); `sample=True` draws from the posterior with `generator`.
+        """
+        if not isinstance(video, Tensor) or video.ndim != 5 or video.shape[1] != 3 or not video.is_floating_point():
+            got = tuple(video.shape) if isinstance(video, Tensor) else type(video).__name__
+            raise ValueError(f"`video` must be a float tensor [B, 3, T, H, W] in [-1, 1], got {got}.")
+        self.check_size(video.shape[2], video.shape[3], video.shape[4])
+        posterior = self.vae.encode(video.to(self.vae.dtype)).latent_dist
+        raw = posterior.sample(generator) if sample else posterior.mode()
+        return self.normalize(raw).to(video.dtype)
+
+    def _check_latents(self, latents: Tensor) -> None:
+        if not isinstance(latents, Tensor) or latents.ndim != 5 or latents.shape[1] != self.latent_channels:
+            got = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
+            raise ValueError(f"`latents` must be [B, {self.latent_channels}, T, H, W], got {got}.")
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor, *, tiled: bool = False) -> Tensor:
+        """Normalized latents `[B, C, T', h, w]` -> video `[B, 3, 1 + 4(T'-1), 16h, 16w]` in [-1, 1]."""
+        self._check_latents(latents)
+        was_tiling = getattr(self.vae, "use_tiling", False)
+        if tiled:
+            self.vae.enable_tiling()
+        try:
+            return self.vae.decode(self.denormalize(latents)).sample.to(latents.dtype)
+        finally:
+            if tiled and not was_tiling:
+                self.vae.disable_tiling()
+
+    @torch.no_grad()
+    def iter_decode(self, latents: Tensor) -> Iterator[Tensor]:
+        """Decode one latent frame at a time: yields `[B, 3, t, H, W]` pixel chunks (t = 1, then 4, 4, ...).
+
+        Runs the VAE decoder's causal loop with its feature cache carried between chunks, so the concatenated chunks
+        equal `decode(latents)` while memory holds one chunk at a time.
+        """
+        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify as wan_unpatchify
+
+        self._check_latents(latents)
+        vae = self.vae
+        x = vae.post_quant_conv(self.denormalize(latents))  # a 1x1x1 conv: per frame, cheap to do at once
+        vae.clear_cache()
+        try:
+            for i in range(x.shape[2]):
+                vae._conv_idx = [0]
+                out = vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                  first_chunk=i == 0)
+                if vae.config.patch_size is not None:
+                    out = wan_unpatchify(out, patch_size=vae.config.patch_size)
+                yield out.clamp(-1.0, 1.0).to(latents.dtype)
+        finally:
+            vae.clear_cache()
