@@ -1,0 +1,1 @@
+"""Tokenizers: text, vision (Wan VAE), sound (AVAE) and action."""
