@@ -26,6 +26,29 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch
     return model
 
 
+def make_tiny_vae(seed: int = 0):
+    """A Wan 2.2-layout VAE (patch_size 2, 16x spatial, 4x temporal, 8 latent channels), random, CPU-sized."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(
+        base_dim=8, z_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1, is_residual=True, patch_size=2, in_channels=12,
+        out_channels=12, scale_factor_spatial=16, scale_factor_temporal=4,
+        latents_mean=[0.1 * i - 0.3 for i in range(8)], latents_std=[1.0 + 0.2 * i for i in range(8)],
+    ).eval()
+
+
+def make_tiny_avae(seed: int = 0):
+    """A Cosmos 3 AVAE at 800 Hz with hop 8 (100 latent frames per second), 8 latent channels, random."""
+    from diffusers import Cosmos3AVAEAudioTokenizer
+
+    torch.manual_seed(seed)
+    return Cosmos3AVAEAudioTokenizer(
+        vocoder_input_dim=8, dec_dim=8, dec_c_mults=(1, 2), dec_strides=(2, 4), enc_dim=8, enc_c_mults=(1,),
+        enc_strides=(4,), enc_hop_length=2, enc_n_fft=8, enc_latent_dim=16, enc_num_blocks=1, sampling_rate=800,
+    ).eval()
+
+
 def reference_transformer(model: Cosmos3Transformer):
     """A `diffusers.Cosmos3OmniTransformer` with the same config and weights (loaded strictly)."""
     from diffusers import Cosmos3OmniTransformer
