@@ -24,6 +24,11 @@ Notable choices:
   `fps` keeps the first frame of each 1/fps interval and never repeats frames: the returned fps is
   `min(fps, source fps)`. Audio read along with video is cut to the time span of the selected frames.
 * **Writes are atomic**: a temporary file in the destination directory, then `os.replace` (no fsync).
+* **Only plain container demuxers** (mp4/mov, Matroska/WebM, AVI, MPEG-TS, Y4M, Ogg, MP3, AAC, WAV, FLAC): playlist
+  and indirection formats (HLS, concat, image sequences) would open other files named inside the input.
+* **Truncation is an error**, not a short clip: a video that decodes clearly fewer frames than its header declares
+  (more than 2 frames and 5% short), or a WAV whose data chunk is cut off. MPEG-TS declares no length, so a cut TS
+  file can only be caught when it breaks a packet.
 * POSIX only (the parent polls the child's pipe; the child's stderr goes to a log quoted when it crashes).
 """
 
@@ -257,10 +262,15 @@ def _wrap(path: str, what: str, error: Exception) -> MediaDecodeError:
 # ---------------------------------------------------------------------------------------------- decoding (any process)
 
 
+# Demuxers allowed on untrusted input. Playlist and indirection demuxers (hls, concat, image2 patterns, ...) would
+# open *other* files named inside the input, which neither the size limits nor the worker process can contain.
+_DEMUXER_ALLOWLIST = "mov,matroska,avi,mpegts,yuv4mpegpipe,ogg,mp3,aac,wav,flac"
+
+
 def _av_open(path: str) -> Any:
     av = _require("av", "video")
     try:
-        return av.open(path, mode="r", metadata_errors="ignore")
+        return av.open(path, mode="r", metadata_errors="ignore", options={"format_whitelist": _DEMUXER_ALLOWLIST})
     except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
         raise _wrap(path, "not a readable media file", e) from None
 
@@ -332,7 +342,7 @@ def _frames(
     width, height = stream.codec_context.width, stream.codec_context.height
     rate = Fraction(stream.average_rate or stream.guessed_rate or stream.base_rate)
     ratio = Fraction(sel.fps) / rate if sel.fps is not None and Fraction(sel.fps) < rate else None
-    emitted, last_slot, index, first_time = 0, -1, -1, None
+    emitted, last_slot, index, first_time, ran_out = 0, -1, -1, None, False
     try:
         for index, frame in enumerate(_decode(container, stream, path)):
             _check_deadline(path, deadline, limits)
@@ -361,6 +371,8 @@ def _frames(
             emitted += 1
             if sel.max_frames is not None and emitted >= sel.max_frames:
                 break
+        else:
+            ran_out = True
     except MediaDecodeError:
         raise
     except Exception as e:
@@ -368,6 +380,25 @@ def _frames(
     if emitted == 0:
         found = f"the stream has {index + 1} decodable frames"
         raise MediaDecodeError(f"{path!r}: no frames in [start_frame={sel.start}, end_frame={sel.end}) ({found}).")
+    declared = _declared_frames(container, stream)
+    if ran_out and declared and index + 1 < declared - max(2, 0.05 * declared):
+        found = f"decoded {index + 1} of the {declared} frames the header declares"
+        raise MediaDecodeError(f"{path!r}: truncated: {found}.")
+
+
+def _declared_frames(container: Any, stream: Any) -> int | None:
+    """Frames the header promises: the stream's count, else its duration; the container's duration only when the
+    video is its only stream (an audio track may legitimately run longer)."""
+    if stream.frames:
+        return int(stream.frames)
+    rate = stream.average_rate or stream.guessed_rate
+    if not rate:
+        return None
+    if stream.duration and stream.time_base:
+        return round(float(stream.duration * stream.time_base * rate))
+    if container.duration and len(container.streams) == 1:
+        return round(container.duration / 1_000_000 * float(rate))
+    return None
 
 
 def _batched(frames: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
@@ -450,6 +481,24 @@ def _decode_av_audio(
     return np.ascontiguousarray(samples, dtype=np.float32), rate
 
 
+def _check_wav_length(path: str) -> None:
+    """libsndfile quietly shortens a WAV whose data chunk is cut off; compare the declared size with the file's."""
+    with open(path, "rb") as f:
+        f.seek(12)
+        while True:
+            header = f.read(8)
+            if len(header) < 8:
+                return
+            size = int.from_bytes(header[4:], "little")
+            if header[:4] == b"data":
+                available = os.path.getsize(path) - f.tell()
+                if size not in (0, 0xFFFFFFFF) and available < size:  # 0 / -1: streaming writers' placeholders
+                    raise MediaDecodeError(f"{path!r}: truncated WAV: the data chunk declares {size} bytes, "
+                                           f"the file holds {available}.")
+                return
+            f.seek(size + (size & 1), os.SEEK_CUR)
+
+
 def _decode_soundfile(path: str, limits: MediaLimits) -> tuple[np.ndarray, int]:
     sf = _require("soundfile", "audio")
     try:
@@ -472,6 +521,8 @@ def _decode_audio(path: str, limits: MediaLimits, deadline: float | None) -> tup
     """WAV and FLAC (by their magic bytes, not the extension) through libsndfile; anything else through FFmpeg."""
     with open(path, "rb") as f:
         head = f.read(12)
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        _check_wav_length(path)
     if (head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE") or head[:4] == b"fLaC":
         return _decode_soundfile(path, limits)
     samples, rate = _decode_av_audio(path, limits, deadline)
@@ -754,6 +805,17 @@ def read_video(
     return VideoClip(frames, _output_fps(info, sel), audio, rate)
 
 
+def _remote_chunks(worker: _Worker) -> Iterator[np.ndarray]:
+    # A function of the worker, not a method: a generator holding the stream would make a reference cycle, and an
+    # abandoned stream would keep its decoder process until the next full garbage collection.
+    while True:
+        worker.send({"type": "next"})
+        message = worker.recv()
+        if message["type"] == "end":
+            return
+        yield worker.load(message["array"])
+
+
 class VideoStream:
     """Chunks `[n, H, W, 3]` uint8 RGB of a video, decoded as they are asked for (see `stream_video`).
 
@@ -771,7 +833,7 @@ class VideoStream:
             except BaseException:
                 self._worker.close()
                 raise
-            self._chunks = self._remote_chunks()
+            self._chunks = _remote_chunks(self._worker)
         else:
             self._container, stream, self.info = _open_video(path, limits)
             try:
@@ -782,14 +844,6 @@ class VideoStream:
             frames = _frames(self._container, stream, sel, limits, path, None, False)
             self._chunks = _batched(frames, chunk_frames)
         self.fps = _output_fps(self.info, sel)
-
-    def _remote_chunks(self) -> Iterator[np.ndarray]:
-        while True:
-            self._worker.send({"type": "next"})
-            message = self._worker.recv()
-            if message["type"] == "end":
-                return
-            yield self._worker.load(message["array"])
 
     def __iter__(self) -> VideoStream:
         return self

@@ -451,3 +451,55 @@ def test_writes_are_atomic(media, tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.png").stat().st_mode) == 0o644  # not mkstemp's 0600
+
+
+# ------------------------------------------------------------------------------------- review regressions
+
+
+def test_stream_dropped_without_close_releases_its_worker(media):
+    """No reference cycle: dropping the last reference ends the decoder process, no garbage collection needed."""
+    import gc
+
+    gc.disable()
+    try:
+        stream = cio.stream_video(media.mp4, chunk_frames=2)
+        next(stream)
+        worker = stream._worker
+        del stream
+        deadline = time.monotonic() + 5
+        while worker.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert worker.proc.poll() is not None and not os.path.exists(worker.tmpdir)
+    finally:
+        gc.enable()
+
+
+def test_playlists_cannot_pull_in_other_files(tmp_path):
+    """An HLS playlist would make the demuxer open the files it names; only plain container demuxers are allowed."""
+    secret = tmp_path / "private.mp4"
+    cio.write_video(secret, gradient_clip(t=4), FPS)
+    playlist = tmp_path / "upload.m3u8"
+    playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\n{secret}\n#EXT-X-ENDLIST\n")
+    for isolated in (True, False):
+        with pytest.raises(MediaDecodeError, match="not a readable media file"):
+            cio.read_video(playlist, isolated=isolated)
+
+
+@pytest.mark.parametrize("ext", [".mkv", ".webm"])
+def test_truncated_matroska_is_an_error_not_a_short_clip(tmp_path, ext):
+    path = tmp_path / f"clip{ext}"
+    cio.write_video(path, gradient_clip(t=24), FPS)
+    data = path.read_bytes()
+    cut = tmp_path / f"cut{ext}"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MediaDecodeError, match="truncated"):
+        cio.read_video(cut)
+
+
+def test_truncated_wav_is_an_error(tmp_path):
+    path = tmp_path / "tone.wav"
+    cio.write_audio(path, tone(1.0), SR)
+    data = path.read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[: len(data) // 2])
+    with pytest.raises(MediaDecodeError, match="truncated WAV"):
+        cio.read_audio(tmp_path / "cut.wav")

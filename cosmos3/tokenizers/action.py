@@ -255,6 +255,8 @@ class ActionNormalizer:
     def normalize(self, actions: Tensor) -> Tensor:
         if not actions.is_floating_point():
             raise TypeError(f"`actions` must be floating point, got {actions.dtype}.")
+        if not torch.isfinite(actions).all():
+            raise ValueError("`actions` contains NaN or infinite values.")
         offset, scale, skip = self._affine(actions)
         y = (actions - offset) / scale
         return torch.where(skip, y, y.clamp(-1.0, 1.0)) if self.clip else y
@@ -262,6 +264,8 @@ class ActionNormalizer:
     def denormalize(self, normalized: Tensor) -> Tensor:
         if not normalized.is_floating_point():
             raise TypeError(f"`normalized` must be floating point, got {normalized.dtype}.")
+        if not torch.isfinite(normalized).all():
+            raise ValueError("`normalized` contains NaN or infinite values.")
         offset, scale, _ = self._affine(normalized)
         return normalized * scale + offset
 
@@ -415,6 +419,8 @@ def _check_rot(x: Tensor, name: str, shape: tuple[int, ...]) -> None:
         raise TypeError(f"`{name}` must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}.")
     if x.ndim < len(shape) or tuple(x.shape[x.ndim - len(shape) :]) != shape:
         raise ValueError(f"`{name}` must have shape [..., {', '.join(map(str, shape))}], got {tuple(x.shape)}.")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"`{name}` contains NaN or infinite values.")
 
 
 def _check_choice(value: str, name: str, valid: Sequence[str]) -> None:
@@ -426,6 +432,10 @@ def rotation6d_to_matrix(d6: Tensor, *, convention: str = "columns") -> Tensor:
     """`[..., 6]` -> `[..., 3, 3]` by Gram-Schmidt (any non-degenerate 6D vector gives a proper rotation)."""
     _check_rot(d6, "d6", (6,))
     _check_choice(convention, "convention", ("columns", "rows"))
+    # A zero first vector, or a second one parallel to it, spans no plane: there is no rotation to recover.
+    spans = torch.linalg.cross(d6[..., :3], d6[..., 3:], dim=-1).norm(dim=-1)
+    if (d6[..., :3].norm(dim=-1) < 1e-8).any() or (spans < 1e-8).any():
+        raise ValueError("`d6` has a degenerate 6D rotation (a zero vector, or two parallel vectors).")
     b1 = F.normalize(d6[..., :3], dim=-1)
     a2 = d6[..., 3:]
     b2 = F.normalize(a2 - (b1 * a2).sum(-1, keepdim=True) * b1, dim=-1)
@@ -445,6 +455,8 @@ def quaternion_to_matrix(quaternion: Tensor, *, order: str = "wxyz") -> Tensor:
     """Unit quaternion `[..., 4]` (normalized here) -> `[..., 3, 3]`."""
     _check_rot(quaternion, "quaternion", (4,))
     _check_choice(order, "order", ("wxyz", "xyzw"))
+    if (quaternion.norm(dim=-1) < 1e-8).any():
+        raise ValueError("`quaternion` has a zero quaternion, which is no rotation.")
     q = quaternion if order == "wxyz" else quaternion.roll(1, dims=-1)
     w, x, y, z = F.normalize(q, dim=-1).unbind(-1)
     rows = (

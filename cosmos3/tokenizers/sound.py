@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# The filter bank holds `new x (orig + 2 * width)` taps; every pair of standard audio rates is far below this.
+_MAX_FILTER_TAPS = 2**22
+
 
 def _sinc_kernels(orig: int, new: int, lowpass_width: int, rolloff: float, dtype, device) -> tuple[Tensor, int]:
     """`[new, 1, K]` polyphase filters for `orig -> new` (both already divided by their gcd), and the half width."""
@@ -43,6 +46,12 @@ def resample(waveform: Tensor, orig_sample_rate: int, new_sample_rate: int, *, l
         return waveform
     g = math.gcd(orig_sample_rate, new_sample_rate)
     orig, new = orig_sample_rate // g, new_sample_rate // g
+    if new * (orig + 2 * lowpass_width * orig // min(orig, new) + 2) > _MAX_FILTER_TAPS:
+        raise ValueError(
+            f"Cannot resample {orig_sample_rate} Hz -> {new_sample_rate} Hz: the rates share too few factors "
+            f"(reduced ratio {orig}:{new}), the polyphase filter bank would be too large. Resample to a standard "
+            "rate (8000, 16000, 22050, 24000, 32000, 44100, 48000, 96000 Hz) first."
+        )
     kernels, width = _sinc_kernels(orig, new, lowpass_width, rolloff, waveform.dtype, waveform.device)
     shape, length = waveform.shape[:-1], waveform.shape[-1]
     x = F.pad(waveform.reshape(-1, 1, length), (width, width + orig))
@@ -122,7 +131,8 @@ class Cosmos3SoundTokenizer:
             n = self.num_samples(num_frames, fps)
             audio = F.pad(audio[:, :n], (0, max(0, n - audio.shape[1])))
         dtype = next(self.avae.parameters()).dtype
-        posterior = self.avae.encode(audio[None].to(dtype)).latent_dist
+        # force_pad: pad to the hop in training mode too, so the length never depends on the module's mode.
+        posterior = self.avae.encode(audio[None].to(dtype), force_pad=True).latent_dist
         latents = posterior.sample(generator) if sample else posterior.mode()
         return latents[0].to(waveform.dtype)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -66,9 +67,9 @@ class PromptSettings:
     def __post_init__(self):
         for name in ("num_frames", "height", "width"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-        if not (isinstance(self.fps, (int, float)) and math.isfinite(self.fps) and self.fps > 0):
+        if not (isinstance(self.fps, numbers.Real) and math.isfinite(self.fps) and self.fps > 0):
             raise ValueError(f"`fps` must be a positive number, got {self.fps!r}.")
         if self.action_mode is not None and self.action_mode not in ACTION_MODES:
             raise ValueError(f"`action_mode` must be one of {list(ACTION_MODES)} or None, got {self.action_mode!r}.")

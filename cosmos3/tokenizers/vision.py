@@ -178,14 +178,11 @@ class Cosmos3VisionTokenizer:
         self._check_latents(latents)
         vae = self.vae
         x = vae.post_quant_conv(self.denormalize(latents))  # a 1x1x1 conv: per frame, cheap to do at once
-        vae.clear_cache()
-        try:
-            for i in range(x.shape[2]):
-                vae._conv_idx = [0]
-                out = vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
-                                  first_chunk=i == 0)
-                if vae.config.patch_size is not None:
-                    out = wan_unpatchify(out, patch_size=vae.config.patch_size)
-                yield out.clamp(-1.0, 1.0).to(latents.dtype)
-        finally:
-            vae.clear_cache()
+        # This stream's own causal cache (not the VAE's shared one): other decodes and streams on the same VAE,
+        # interleaved with this one, neither corrupt it nor are corrupted by it.
+        cache = [None] * vae._cached_conv_counts["decoder"]
+        for i in range(x.shape[2]):
+            out = vae.decoder(x[:, :, i : i + 1], feat_cache=cache, feat_idx=[0], first_chunk=i == 0)
+            if vae.config.patch_size is not None:
+                out = wan_unpatchify(out, patch_size=vae.config.patch_size)
+            yield out.clamp(-1.0, 1.0).to(latents.dtype)

@@ -525,3 +525,19 @@ def test_image_flips():
         A.flip_images(torch.rand(2, 4, 5, 3), "vertical")
     with pytest.raises(ValueError, match="`flip` 'rot90'"):
         A.flip_images(frames, "rot90")
+
+
+def test_degenerate_and_non_finite_inputs_are_refused():
+    with pytest.raises(ValueError, match="degenerate 6D rotation"):
+        A.rotation6d_to_matrix(torch.zeros(6))
+    with pytest.raises(ValueError, match="degenerate 6D rotation"):
+        A.rotation6d_to_matrix(torch.tensor([1.0, 0, 0, 2.0, 0, 0]))
+    with pytest.raises(ValueError, match="zero quaternion"):
+        A.quaternion_to_matrix(torch.zeros(4))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        A.matrix_to_quaternion(torch.full((3, 3), float("nan")))
+    normalizer = A.ActionNormalizer("quantile").fit(torch.randn(100, 4, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="`actions` contains NaN or infinite"):
+        normalizer.normalize(torch.tensor([[0.0, float("inf"), 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="`normalized` contains NaN"):
+        normalizer.denormalize(torch.tensor([[0.0, float("nan"), 0.0, 0.0]]))

@@ -81,3 +81,14 @@ def test_encode_is_per_clip(tiny_avae):
     assert torch.equal(a, tokenizer.encode(quiet, 800))
     with pytest.raises(ValueError, match="both `num_frames` and `fps`"):
         tokenizer.encode(quiet, 800, num_frames=9)
+
+
+def test_latent_length_does_not_depend_on_training_mode(tiny_avae):
+    tokenizer = Cosmos3SoundTokenizer(tiny_avae.train())
+    latents = tokenizer.encode(torch.randn(2, 800), 800, num_frames=5, fps=24.0)
+    assert latents.shape[1] == tokenizer.latent_length(5, 24.0)
+
+
+def test_resampling_between_coprime_rates_is_refused_not_oom():
+    with pytest.raises(ValueError, match="share too few factors"):
+        resample(torch.zeros(100), 47999, 48000)

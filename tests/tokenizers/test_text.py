@@ -93,3 +93,12 @@ def test_errors(tiny_tokenizer, tmp_path):
         encode_prompts(tiny_tokenizer, ["a", "b"], ["c"])
     with pytest.raises(FileNotFoundError):
         load_text_tokenizer(str(tmp_path / "missing"))
+
+
+def test_numpy_numbers_are_accepted(tiny_tokenizer):
+    import numpy as np
+
+    settings = PromptSettings(num_frames=np.int64(9), height=64, width=64, fps=np.float32(16.0))
+    assert encode_prompts(tiny_tokenizer, "a cat", None, settings) == encode_prompts(
+        tiny_tokenizer, "a cat", None, PromptSettings(num_frames=9, height=64, width=64, fps=16.0)
+    )

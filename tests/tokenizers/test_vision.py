@@ -113,3 +113,16 @@ def test_postprocess_to_uint8():
     out = postprocess_video(x)
     assert out.dtype == np.uint8 and out.shape == (1, 1, 1, 4, 3)
     assert out[0, 0, 0, :, 0].tolist() == [0, 128, 255, 255]
+
+
+def test_interleaved_streams_on_one_vae_do_not_interfere(tiny_vae):
+    tokenizer = Cosmos3VisionTokenizer(tiny_vae)
+    a, b = torch.randn(1, 8, 3, 2, 2), torch.randn(1, 8, 3, 2, 2)
+    stream_a, stream_b = tokenizer.iter_decode(a), tokenizer.iter_decode(b)
+    chunks_a, chunks_b = [], []
+    for _ in range(3):
+        chunks_a.append(next(stream_a))
+        tokenizer.decode(b)  # a one-shot decode in between must not reset a stream's cache
+        chunks_b.append(next(stream_b))
+    assert torch.equal(torch.cat(chunks_a, 2), tokenizer.decode(a))
+    assert torch.equal(torch.cat(chunks_b, 2), tokenizer.decode(b))
