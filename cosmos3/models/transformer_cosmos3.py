@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import Tensor, nn
@@ -355,7 +356,7 @@ class Cosmos3DecoderLayer(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class Cosmos3Transformer(ModelMixin, ConfigMixin):
+class Cosmos3Transformer(ModelMixin, ConfigMixin, CacheMixin):
     r"""The Cosmos 3 MoT backbone with its modality heads.
 
     Constructor arguments and parameter names are those of `diffusers.Cosmos3OmniTransformer`, so

@@ -1,0 +1,314 @@
+"""What every Cosmos 3 pipeline shares: components, loading, prompts, initial noise, the denoising loop, decoding.
+
+The task pipelines (one file each) only turn their inputs into `_Request`s (prompt ids, clean conditioning latents,
+masks) and pick their outputs; everything numerical lives here, once:
+
+* **Same numbers as the reference** (`diffusers.Cosmos3OmniPipeline`) for one sample: identical prompt ids, the
+  initial noise drawn with the sample's generator in the same order and shapes (vision, then sound, then actions),
+  the same UniPC steps, guidance `v_u + g (v_c - v_u)` in float32, the same decode.
+* **Batches**: every prompt x `num_*_per_prompt` sample and, with guidance, its negative, run through the
+  transformer as one batch; the text tower runs once per request (`encode_text`), each step runs only the
+  generation tower. A list of generators gives each sample exactly what it would get alone.
+* Loads a published folder (`model_index.json` of `Cosmos3OmniPipeline`) with our `Cosmos3Transformer`;
+  `save_pretrained` writes a folder both this library and the reference load.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from diffusers.video_processor import VideoProcessor
+from torch import Tensor
+
+from ..models.layout import Cosmos3Sample
+from ..models.transformer_cosmos3 import Cosmos3Transformer
+from ..tokenizers.sound import Cosmos3SoundTokenizer
+from ..tokenizers.text import PromptSettings, encode_prompts
+from ..tokenizers.vision import Cosmos3VisionTokenizer
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class Cosmos3PipelineOutput(BaseOutput):
+    """`frames`: per sample, a list of PIL images (`pil`), or `[B, T, H, W, 3]` (`np`) / `[B, T, 3, H, W]` (`pt`)
+    arrays in [0, 1], or latents `[B, C, T, h, w]` (`latent`). `sound`: `[B, 2, N]` waveforms or None. `action`:
+    per sample `[chunk, raw_dim]` tensors or None."""
+
+    frames: list | np.ndarray | Tensor
+    sound: Tensor | None = None
+    action: list[Tensor] | None = None
+
+
+@dataclass
+class _Request:
+    """One sample to generate: its prompt ids and what is clean at the start."""
+
+    cond_ids: list[int]
+    uncond_ids: list[int]
+    generator: torch.Generator | None
+    latent_shape: tuple[int, int, int, int]  # (C, T, h, w)
+    x0: Tensor | None = None  # [C, T, h, w] clean vision latents (conditioning frames), None: nothing clean
+    condition_frames: tuple[int, ...] = ()
+    sound_length: int = 0
+    fps: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _check_generators(generator, batch: int) -> list[torch.Generator | None]:
+    if isinstance(generator, list):
+        if len(generator) != batch:
+            raise ValueError(f"`generator` is a list of {len(generator)} but the batch has {batch} samples.")
+        return generator
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"`generator` must be a torch.Generator, a list of them, or None; got {type(generator)}.")
+    return [generator] * batch
+
+
+def _as_prompt_list(name: str, value, allow_none: bool) -> list | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str):
+        return [value]
+    valid = (str, type(None)) if allow_none else str
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, valid) for v in value):
+        return list(value)
+    raise TypeError(f"`{name}` must be a str or a non-empty list of str, got {value!r}.")
+
+
+class Cosmos3PipelineBase(DiffusionPipeline):
+    """Components and shared machinery of the Cosmos 3 pipelines (component names as in the reference layout)."""
+
+    _optional_components = ["sound_tokenizer", "safety_checker"]
+    model_cpu_offload_seq = "transformer->vae->sound_tokenizer"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        transformer: Cosmos3Transformer,
+        text_tokenizer,
+        vae,
+        scheduler,
+        sound_tokenizer=None,
+        safety_checker=None,
+        enable_safety_checker: bool = False,
+        default_use_system_prompt: bool = True,
+        use_native_flow_schedule: bool = False,
+    ):
+        super().__init__()
+        if safety_checker is not None or enable_safety_checker:
+            raise ValueError(
+                "The Cosmos guardrail (`safety_checker`) is not supported by cosmos3 pipelines: its package pulls "
+                "torchvision and downloads models at run time. Build the pipeline with `enable_safety_checker=False`."
+            )
+        self.register_to_config(
+            enable_safety_checker=False,
+            default_use_system_prompt=default_use_system_prompt,
+            use_native_flow_schedule=use_native_flow_schedule,
+        )
+        self.register_modules(
+            transformer=transformer, text_tokenizer=text_tokenizer, vae=vae, scheduler=scheduler,
+            sound_tokenizer=sound_tokenizer, safety_checker=None,
+        )
+        self.video_processor = VideoProcessor(vae_scale_factor=16, resample="bilinear")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load a folder in the reference layout; the transformer is always our `Cosmos3Transformer`."""
+        import os
+
+        if "transformer" not in kwargs:
+            sub = os.path.join(str(pretrained_model_name_or_path), "transformer")
+            dtype = kwargs.get("torch_dtype")
+            kwargs["transformer"] = Cosmos3Transformer.from_pretrained(sub, torch_dtype=dtype)
+        kwargs.setdefault("enable_safety_checker", False)
+        kwargs.setdefault("safety_checker", None)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Save in the reference layout: `model_index.json` names the reference classes (our transformer's weights
+        and config are the reference's), so the folder loads in `Cosmos3OmniPipeline` as well as here."""
+        import json
+        import os
+
+        super().save_pretrained(save_directory, **kwargs)
+        path = os.path.join(save_directory, "model_index.json")
+        with open(path) as f:
+            index = json.load(f)
+        index["_class_name"] = "Cosmos3OmniPipeline"
+        index["transformer"] = ["diffusers", "Cosmos3OmniTransformer"]
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Pieces the task pipelines use
+    # ---------------------------------------------------------------------------------------------------------
+
+    @property
+    def vision_tokenizer(self) -> Cosmos3VisionTokenizer:
+        return Cosmos3VisionTokenizer(self.vae)
+
+    def encode_prompt(self, prompts: list[str], negatives: list[str | None], settings: PromptSettings):
+        """Prompt and negative token ids for each prompt (see `cosmos3.tokenizers.text.encode_prompts`)."""
+        return encode_prompts(self.text_tokenizer, prompts, negatives, settings)
+
+    def _prompt_settings(self, num_frames, height, width, fps, use_system_prompt, add_resolution_template,
+                         add_duration_template, action_mode=None, action_view_point=None) -> PromptSettings:
+        if use_system_prompt is None:
+            use_system_prompt = self.config.default_use_system_prompt
+        return PromptSettings(
+            num_frames=num_frames, height=height, width=width, fps=fps, use_system_prompt=use_system_prompt,
+            add_resolution_template=add_resolution_template, add_duration_template=add_duration_template,
+            action_mode=action_mode, action_view_point=action_view_point,
+        )
+
+    def _expand_prompts(self, prompt, negative_prompt, per_prompt: int):
+        prompts = _as_prompt_list("prompt", prompt, allow_none=False)
+        negatives = _as_prompt_list("negative_prompt", negative_prompt, allow_none=True)
+        if negatives is not None and len(negatives) not in (1, len(prompts)):
+            raise ValueError(f"`negative_prompt` has {len(negatives)} entries for {len(prompts)} prompts.")
+        if negatives is None:
+            negatives = [None] * len(prompts)
+        elif len(negatives) == 1:
+            negatives = negatives * len(prompts)
+        if not isinstance(per_prompt, int) or per_prompt < 1:
+            raise ValueError(f"`num_*_per_prompt` must be a positive int, got {per_prompt!r}.")
+        prompts = [p for p in prompts for _ in range(per_prompt)]
+        negatives = [n for n in negatives for _ in range(per_prompt)]
+        return prompts, negatives
+
+    def _check_common(self, num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs):
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}.")
+        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be a number >= 0, got {guidance_scale!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {output_type!r}.")
+        bad = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` {bad} are not in {self._callback_tensor_inputs}.")
+
+    def _check_size(self, num_frames: int, height: int, width: int) -> None:
+        if not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"`num_frames` must be a positive int, got {num_frames!r}.")
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value < 16 or value % 16:
+                lower = max(16, (value // 16) * 16) if isinstance(value, int) else 16
+                raise ValueError(f"`{name}` must be a multiple of 16, got {value!r} (nearest: {lower}, {lower + 16}).")
+        tf = int(self.vae.config.scale_factor_temporal)
+        if (num_frames - 1) % tf:
+            lower = (num_frames - 1) // tf * tf + 1
+            raise ValueError(f"`num_frames` must be 1 + {tf}k, got {num_frames} (nearest: {lower}, {lower + tf}).")
+
+    def _latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        return self.vision_tokenizer.latent_shape(num_frames, height, width)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # The denoising loop
+    # ---------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _generate(
+        self,
+        requests: list[_Request],
+        *,
+        num_inference_steps: int,
+        guidance_scale: float,
+        output_type: str,
+        return_dict: bool,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ):
+        device = self._execution_device
+        dtype = self.transformer.dtype
+        B = len(requests)
+        cfg = guidance_scale != 1.0  # as the reference: any other scale runs the negative pass
+        self._guidance_scale = guidance_scale
+
+        # 1. Initial noise, per sample with its own generator, in the reference's order: vision, then sound.
+        latents, sound_latents, masks = [], [], []
+        for r in requests:
+            noise = randn_tensor((1, *r.latent_shape), generator=r.generator, device=device, dtype=torch.float32)[0]
+            mask = torch.zeros(r.latent_shape[1], 1, 1, device=device)
+            if r.condition_frames:
+                mask[list(r.condition_frames)] = 1.0
+                noise = mask * r.x0.to(device, torch.float32) + (1.0 - mask) * noise
+            latents.append(noise)
+            masks.append(mask)
+            if r.sound_length:
+                shape = (self.transformer.config.sound_dim, r.sound_length)
+                sound_latents.append(randn_tensor(shape, generator=r.generator, device=device, dtype=torch.float32))
+        latents = torch.stack(latents)  # [B, C, T, h, w]
+        sound = torch.stack(sound_latents) if sound_latents else None  # [B, C_s, T_s]
+
+        # 2. The batch layout (conditional samples, then their negatives) and the text cache, once.
+        def sample(r: _Request, ids: list[int]) -> Cosmos3Sample:
+            return Cosmos3Sample(text_ids=ids, vision_shape=r.latent_shape[1:], fps=r.fps,
+                                 vision_condition_frames=r.condition_frames, sound_length=r.sound_length)
+
+        samples = [sample(r, r.cond_ids) for r in requests]
+        if cfg:
+            samples += [sample(r, r.uncond_ids) for r in requests]
+        layout = self.transformer.build_layout(samples, temporal_compression=int(self.vae.config.scale_factor_temporal))
+        text_kv = self.transformer.encode_text(layout)
+
+        # 3. Steps.
+        if self.config.use_native_flow_schedule:
+            n_train = self.scheduler.config.num_train_timesteps
+            sigmas = np.linspace(1.0 - 1.0 / n_train, 0.0, num_inference_steps + 1)[:-1]
+            self.scheduler.set_timesteps(num_inference_steps, device=device, sigmas=sigmas)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        sound_scheduler = copy.deepcopy(self.scheduler) if sound is not None else None
+        self._num_timesteps = len(timesteps)
+        repeat = 2 if cfg else 1
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for i, t in enumerate(timesteps):
+                vision_in = latents.to(dtype).repeat(repeat, 1, 1, 1, 1)
+                sound_in = sound.to(dtype).repeat(repeat, 1, 1) if sound is not None else None
+                out = self.transformer(layout, vision_in, t.item(), sound=sound_in, text_kv_cache=text_kv)
+                v = out.sample.float()
+                v_sound = out.sound.float() if sound is not None else None
+                if cfg:
+                    v = v[B:] + guidance_scale * (v[:B] - v[B:])
+                    if v_sound is not None:
+                        v_sound = v_sound[B:] + guidance_scale * (v_sound[:B] - v_sound[B:])
+                latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
+                if sound is not None:
+                    sound = sound_scheduler.step(v_sound, t, sound, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    names = callback_on_step_end_tensor_inputs or []
+                    outputs = callback_on_step_end(self, i, t, {k: v for k, v in (("latents", latents),) if k in names})
+                    latents = outputs.pop("latents", latents).float()
+                progress.update()
+
+        # 4. Decode.
+        waveform = None
+        if sound is not None:
+            waveform = Cosmos3SoundTokenizer(self.sound_tokenizer).decode(sound)
+        if output_type == "latent":
+            frames = latents
+        else:
+            decoded = self.vision_tokenizer.decode(latents)
+            frames = self.video_processor.postprocess_video(decoded, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return frames, waveform
+        return Cosmos3PipelineOutput(frames=frames, sound=waveform)

@@ -1,0 +1,111 @@
+"""Text to video (with optional sound), and text to image as its one-frame case."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers.utils import BaseOutput
+
+from ..tokenizers.sound import Cosmos3SoundTokenizer
+from .common import Cosmos3PipelineBase, _check_generators, _Request
+
+
+class Cosmos3TextToVideoPipeline(Cosmos3PipelineBase):
+    r"""Generate videos (and their sound, with `enable_sound=True`) from text prompts.
+
+    Defaults follow the reference: 189 frames at 720x1280, 24 fps, 35 steps, guidance 6.
+    """
+
+    def _requests(self, prompt, negative_prompt, per_prompt, generator, num_frames, height, width, fps, enable_sound,
+                  use_system_prompt, add_resolution_template, add_duration_template) -> list[_Request]:
+        self._check_size(num_frames, height, width)
+        if not isinstance(fps, (int, float)) or fps <= 0:
+            raise ValueError(f"`fps` must be a positive number, got {fps!r}.")
+        if enable_sound and (self.sound_tokenizer is None or not self.transformer.config.sound_gen):
+            raise ValueError("`enable_sound=True` needs a `sound_tokenizer` and a transformer with sound_gen=True.")
+        prompts, negatives = self._expand_prompts(prompt, negative_prompt, per_prompt)
+        generators = _check_generators(generator, len(prompts))
+        settings = self._prompt_settings(num_frames, height, width, fps, use_system_prompt, add_resolution_template,
+                                         add_duration_template)
+        cond, uncond = self.encode_prompt(prompts, negatives, settings)
+        shape = self._latent_shape(num_frames, height, width)
+        sound_length = Cosmos3SoundTokenizer(self.sound_tokenizer).latent_length(num_frames, fps) if enable_sound else 0
+        return [_Request(c, u, g, shape, fps=float(fps), sound_length=sound_length)
+                for c, u, g in zip(cond, uncond, generators)]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_frames: int = 189,
+        height: int = 720,
+        width: int = 1280,
+        fps: float = 24.0,
+        num_inference_steps: int = 35,
+        guidance_scale: float = 6.0,
+        num_videos_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        enable_sound: bool = False,
+        use_system_prompt: bool | None = None,
+        add_resolution_template: bool = True,
+        add_duration_template: bool = True,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+    ):
+        """Generate one video per prompt x `num_videos_per_prompt`; see `Cosmos3PipelineOutput`."""
+        self._check_common(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
+        requests = self._requests(prompt, negative_prompt, num_videos_per_prompt, generator, num_frames, height, width,
+                                  fps, enable_sound, use_system_prompt, add_resolution_template, add_duration_template)
+        return self._generate(
+            requests, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type=output_type,
+            return_dict=return_dict, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
+        )
+
+
+@dataclass
+class Cosmos3ImagePipelineOutput(BaseOutput):
+    """`images`: PIL images, `[B, H, W, 3]` (`np`) / `[B, 3, H, W]` (`pt`) in [0, 1], or latents `[B, C, 1, h, w]`."""
+
+    images: list | np.ndarray | torch.Tensor
+
+
+class Cosmos3TextToImagePipeline(Cosmos3TextToVideoPipeline):
+    r"""Generate images from text prompts (a one-frame video; reference call defaults: 35 steps, guidance 6)."""
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        height: int = 720,
+        width: int = 1280,
+        num_inference_steps: int = 35,
+        guidance_scale: float = 6.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        use_system_prompt: bool | None = None,
+        add_resolution_template: bool = True,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+    ):
+        """Generate one image per prompt x `num_images_per_prompt`; see `Cosmos3ImagePipelineOutput`."""
+        self._check_common(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
+        requests = self._requests(prompt, negative_prompt, num_images_per_prompt, generator, 1, height, width, 24.0,
+                                  False, use_system_prompt, add_resolution_template, True)
+        frames, _ = self._generate(
+            requests, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type=output_type,
+            return_dict=False, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
+        )
+        images = [f[0] for f in frames] if output_type == "pil" else frames if output_type == "latent" else frames[:, 0]
+        if not return_dict:
+            return (images,)
+        return Cosmos3ImagePipelineOutput(images=images)
