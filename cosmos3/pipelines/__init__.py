@@ -1,11 +1,15 @@
 """Diffusers-style pipelines, one file per task, sharing `common.py`."""
 
 from .common import Cosmos3PipelineOutput
+from .image_to_video import Cosmos3ImageToVideoPipeline
 from .text_to_video import Cosmos3ImagePipelineOutput, Cosmos3TextToImagePipeline, Cosmos3TextToVideoPipeline
+from .video_to_video import Cosmos3VideoToVideoPipeline
 
 __all__ = [
     "Cosmos3ImagePipelineOutput",
+    "Cosmos3ImageToVideoPipeline",
     "Cosmos3PipelineOutput",
     "Cosmos3TextToImagePipeline",
     "Cosmos3TextToVideoPipeline",
+    "Cosmos3VideoToVideoPipeline",
 ]

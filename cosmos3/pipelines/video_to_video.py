@@ -1,0 +1,84 @@
+"""Video to video: the leading (or trailing) frames of a clip condition the first latent frames."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..tokenizers.vision import preprocess_video
+from .image_to_video import _per_prompt
+from .text_to_video import Cosmos3TextToVideoPipeline
+
+
+class Cosmos3VideoToVideoPipeline(Cosmos3TextToVideoPipeline):
+    r"""Continue a video: latent frames `condition_frame_indexes` (default the first two, i.e. 5 pixel frames) are
+    the encoded input frames, kept clean."""
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        video,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        condition_frame_indexes: Sequence[int] = (0, 1),
+        condition_video_keep: str = "first",
+        num_frames: int = 189,
+        height: int = 720,
+        width: int = 1280,
+        fps: float = 24.0,
+        num_inference_steps: int = 35,
+        guidance_scale: float = 6.0,
+        num_videos_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        enable_sound: bool = False,
+        use_system_prompt: bool | None = None,
+        add_resolution_template: bool = True,
+        add_duration_template: bool = True,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+    ):
+        """`video`: a list of PIL frames, `[T, H, W, 3]` array or tensor, or a list with one clip per prompt.
+        `condition_video_keep`: use the `"first"` or `"last"` frames of the clip."""
+        self._check_common(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
+        if video is None:
+            raise ValueError("`video` is required for video-to-video.")
+        if num_frames == 1:
+            raise ValueError("`num_frames` must be > 1 for video-to-video.")
+        if condition_video_keep not in ("first", "last"):
+            raise ValueError(f"`condition_video_keep` must be 'first' or 'last', got {condition_video_keep!r}.")
+        indexes = tuple(condition_frame_indexes) if not isinstance(condition_frame_indexes, (str, bytes)) else ()
+        if not indexes or not all(isinstance(i, int) and i >= 0 for i in indexes):
+            raise ValueError(
+                "`condition_frame_indexes` must be a non-empty list of non-negative ints, "
+                f"got {condition_frame_indexes!r}."
+            )
+        requests = self._requests(prompt, negative_prompt, num_videos_per_prompt, generator, num_frames, height, width,
+                                  fps, enable_sound, use_system_prompt, add_resolution_template, add_duration_template)
+        latent_t = requests[0].latent_shape[1]
+        if max(indexes) >= latent_t:
+            raise ValueError(f"`condition_frame_indexes` {list(indexes)} reach past the {latent_t} latent frames of "
+                             f"num_frames={num_frames} (valid: 0..{latent_t - 1}).")
+        num_prompts = len(requests) // num_videos_per_prompt
+        clips = _per_prompt("video", video, num_prompts, num_videos_per_prompt, clips=True)
+        tcf = int(self.vae.config.scale_factor_temporal)
+        keep = max(indexes) * tcf + 1  # the pixel frames the conditioning latents cover
+        tokenizer, device = self.vision_tokenizer, self._execution_device
+        encoded: dict[int, torch.Tensor] = {}
+        for r, clip in zip(requests, clips):
+            if id(clip) not in encoded:
+                frames = preprocess_video(clip, height, width).to(device)  # [1, 3, F, H, W]
+                frames = frames[:, :, :keep] if condition_video_keep == "first" else frames[:, :, -keep:]
+                filled = min(frames.shape[2], num_frames)
+                # The clip's frames, then its last frame repeated to the full length (as the reference).
+                full = torch.cat([frames[:, :, :filled], frames[:, :, filled - 1 : filled].expand(
+                    -1, -1, num_frames - filled, -1, -1)], dim=2)
+                encoded[id(clip)] = tokenizer.encode(full.contiguous())[0]
+            r.x0, r.condition_frames = encoded[id(clip)], tuple(sorted(set(indexes)))
+        return self._generate(
+            requests, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type=output_type,
+            return_dict=return_dict, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
+        )
