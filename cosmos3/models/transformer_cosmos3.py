@@ -189,7 +189,7 @@ class DomainAwareLinear(nn.Module):
             if out is None:
                 out = y.new_empty(x.shape[0], self.output_size)
             out[rows] = y
-        return out
+        return out if out is not None else x.new_zeros(0, self.output_size)  # no tokens (all clean)
 
 
 class Cosmos3TimestepEmbedding(nn.Module):

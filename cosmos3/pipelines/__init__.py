@@ -4,8 +4,11 @@ from .common import Cosmos3PipelineOutput
 from .image_to_video import Cosmos3ImageToVideoPipeline
 from .text_to_video import Cosmos3ImagePipelineOutput, Cosmos3TextToImagePipeline, Cosmos3TextToVideoPipeline
 from .video_to_video import Cosmos3VideoToVideoPipeline
+from .world_action import ActionRequest, Cosmos3WorldActionPipeline
 
 __all__ = [
+    "ActionRequest",
+    "Cosmos3WorldActionPipeline",
     "Cosmos3ImagePipelineOutput",
     "Cosmos3ImageToVideoPipeline",
     "Cosmos3PipelineOutput",

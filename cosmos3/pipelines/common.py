@@ -16,7 +16,7 @@ masks) and pick their outputs; everything numerical lives here, once:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -58,7 +58,11 @@ class _Request:
     condition_frames: tuple[int, ...] = ()
     sound_length: int = 0
     fps: float | None = None
-    extra: dict = field(default_factory=dict)
+    # actions: clean values `[chunk, action_dim]` (zeros where generated), which tokens are clean, the embodiment
+    action_x0: Tensor | None = None
+    action_condition: tuple[int, ...] = ()
+    action_domain_id: int = 0
+    raw_action_dim: int | None = None
 
 
 def _check_generators(generator, batch: int) -> list[torch.Generator | None]:
@@ -242,7 +246,7 @@ class Cosmos3PipelineBase(DiffusionPipeline):
         self._guidance_scale = guidance_scale
 
         # 1. Initial noise, per sample with its own generator, in the reference's order: vision, then sound.
-        latents, sound_latents, masks = [], [], []
+        latents, sound_latents, actions, masks = [], [], [], []
         for r in requests:
             noise = randn_tensor((1, *r.latent_shape), generator=r.generator, device=device, dtype=torch.float32)[0]
             mask = torch.zeros(r.latent_shape[1], 1, 1, device=device)
@@ -254,13 +258,31 @@ class Cosmos3PipelineBase(DiffusionPipeline):
             if r.sound_length:
                 shape = (self.transformer.config.sound_dim, r.sound_length)
                 sound_latents.append(randn_tensor(shape, generator=r.generator, device=device, dtype=torch.float32))
+            if r.action_x0 is not None:
+                x0 = r.action_x0.to(device, torch.float32)
+                noise = randn_tensor(tuple(x0.shape), generator=r.generator, device=device, dtype=torch.float32)
+                clean = torch.zeros(x0.shape[0], 1, device=device)
+                clean[list(r.action_condition)] = 1.0
+                noise = clean * x0 + (1.0 - clean) * noise
+                noise[:, r.raw_action_dim :] = 0  # padded channels stay zero
+                actions.append(noise)
         latents = torch.stack(latents)  # [B, C, T, h, w]
         sound = torch.stack(sound_latents) if sound_latents else None  # [B, C_s, T_s]
+        action = torch.stack(actions) if actions else None  # [B, chunk, action_dim]
+        if action is not None:
+            padded = torch.zeros_like(action[0, 0], dtype=torch.bool).repeat(B, 1)
+            for b, r in enumerate(requests):
+                padded[b, r.raw_action_dim :] = True
+            padded = padded[:, None, :]  # [B, 1, action_dim]
+            any_noisy = [len(r.action_condition) < r.action_x0.shape[0] for r in requests]
 
         # 2. The batch layout (conditional samples, then their negatives) and the text cache, once.
         def sample(r: _Request, ids: list[int]) -> Cosmos3Sample:
-            return Cosmos3Sample(text_ids=ids, vision_shape=r.latent_shape[1:], fps=r.fps,
-                                 vision_condition_frames=r.condition_frames, sound_length=r.sound_length)
+            return Cosmos3Sample(
+                text_ids=ids, vision_shape=r.latent_shape[1:], fps=r.fps, vision_condition_frames=r.condition_frames,
+                sound_length=r.sound_length, action_length=0 if r.action_x0 is None else r.action_x0.shape[0],
+                action_condition_frames=r.action_condition, action_domain_id=r.action_domain_id,
+            )
 
         samples = [sample(r, r.cond_ids) for r in requests]
         if cfg:
@@ -277,22 +299,35 @@ class Cosmos3PipelineBase(DiffusionPipeline):
             self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         sound_scheduler = copy.deepcopy(self.scheduler) if sound is not None else None
+        action_scheduler = copy.deepcopy(self.scheduler) if action is not None else None
         self._num_timesteps = len(timesteps)
         repeat = 2 if cfg else 1
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
                 vision_in = latents.to(dtype).repeat(repeat, 1, 1, 1, 1)
                 sound_in = sound.to(dtype).repeat(repeat, 1, 1) if sound is not None else None
-                out = self.transformer(layout, vision_in, t.item(), sound=sound_in, text_kv_cache=text_kv)
+                action_in = action.to(dtype).repeat(repeat, 1, 1) if action is not None else None
+                out = self.transformer(layout, vision_in, t.item(), sound=sound_in, action=action_in,
+                                       text_kv_cache=text_kv)
                 v = out.sample.float()
                 v_sound = out.sound.float() if sound is not None else None
+                v_action = None
+                if action is not None:
+                    v_action = out.action.float().masked_fill(padded.repeat(repeat, 1, 1), 0.0)
                 if cfg:
                     v = v[B:] + guidance_scale * (v[:B] - v[B:])
                     if v_sound is not None:
                         v_sound = v_sound[B:] + guidance_scale * (v_sound[:B] - v_sound[B:])
+                    if v_action is not None:
+                        v_action = v_action[B:] + guidance_scale * (v_action[:B] - v_action[B:])
                 latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
                 if sound is not None:
                     sound = sound_scheduler.step(v_sound, t, sound, return_dict=False)[0]
+                if action is not None and any(any_noisy):
+                    # The reference skips the action step when every token is clean (forward dynamics).
+                    stepped = action_scheduler.step(v_action, t, action, return_dict=False)[0]
+                    keep = torch.tensor(any_noisy, device=device)[:, None, None]
+                    action = torch.where(keep, stepped, action).masked_fill(padded, 0.0)
                 if callback_on_step_end is not None:
                     names = callback_on_step_end_tensor_inputs or []
                     outputs = callback_on_step_end(self, i, t, {k: v for k, v in (("latents", latents),) if k in names})
@@ -308,7 +343,10 @@ class Cosmos3PipelineBase(DiffusionPipeline):
         else:
             decoded = self.vision_tokenizer.decode(latents)
             frames = self.video_processor.postprocess_video(decoded, output_type=output_type)
+        actions = None
+        if action is not None:
+            actions = [a[:, : r.raw_action_dim].cpu() for a, r in zip(action, requests)]
         self.maybe_free_model_hooks()
         if not return_dict:
-            return frames, waveform
-        return Cosmos3PipelineOutput(frames=frames, sound=waveform)
+            return (frames, waveform) if actions is None else (frames, waveform, actions)
+        return Cosmos3PipelineOutput(frames=frames, sound=waveform, action=actions)

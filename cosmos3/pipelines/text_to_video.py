@@ -100,7 +100,7 @@ class Cosmos3TextToImagePipeline(Cosmos3TextToVideoPipeline):
         self._check_common(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
         requests = self._requests(prompt, negative_prompt, num_images_per_prompt, generator, 1, height, width, 24.0,
                                   False, use_system_prompt, add_resolution_template, True)
-        frames, _ = self._generate(
+        frames, *_ = self._generate(
             requests, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type=output_type,
             return_dict=False, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),

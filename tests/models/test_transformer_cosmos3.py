@@ -410,3 +410,14 @@ def test_text_cache_from_other_prompts_of_the_same_lengths_is_refused():
     swapped = model.build_layout([b, a])
     with pytest.raises(ValueError, match="text_kv_cache"):
         model(swapped, [torch.randn(cfg.latent_channel, *a.vision_shape)] * 2, 1.0, text_kv_cache=cache)
+
+
+def test_all_action_tokens_clean_gives_zero_action_velocity():
+    """Forward dynamics: every action token is given, none is predicted."""
+    model = make_model("sound_action")
+    sample = make_sample(model.config, action=4, action_cond=(0, 1, 2, 3))
+    inputs = make_inputs(model.config, sample)
+    out = run_ours(model, [sample], [inputs], [500.0])
+    assert torch.equal(out.action[0], torch.zeros_like(out.action[0]))
+    reference = run_reference(reference_transformer(model), model.config, sample, inputs, 500.0)
+    assert max_diff(out.sample[0], reference[0]) <= 1e-5

@@ -1,0 +1,204 @@
+"""World-action inference: robot policy, forward dynamics and inverse dynamics.
+
+A chunk of N actions is the N transitions between N + 1 video frames. The mode only decides what is clean:
+
+| mode | clean (given) | generated |
+|---|---|---|
+| `policy` | the first frame | the future frames and the actions |
+| `forward_dynamics` | the first frame and the actions | the future frames |
+| `inverse_dynamics` | every frame | the actions |
+
+The conditioning clip is placed on the resolution tier's canvas whose aspect ratio is closest to it: downscaled
+(never upscaled, bicubic, antialiased), padded right/bottom, and the latents cropped back to the content, as the
+reference does. The prompt becomes the structured action caption the action models were trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.video_processor import VideoProcessor
+
+from ..tokenizers.action import EMBODIMENT_TO_DOMAIN_ID, EMBODIMENT_TO_RAW_ACTION_DIM
+from ..tokenizers.text import ACTION_VIEWPOINTS
+from ..tokenizers.vision import preprocess_video
+from .common import Cosmos3PipelineBase, _check_generators, _Request
+
+ACTION_MODES = ("policy", "forward_dynamics", "inverse_dynamics")
+# Canvases (height, width) of each resolution tier by aspect ratio (width / height), as the reference.
+RESOLUTION_BINS: dict[int, dict[str, tuple[int, int]]] = {
+    256: {"1.0": (256, 256), "0.8": (256, 320), "1.25": (320, 256), "0.6": (192, 320),
+          "1.6666666666666667": (320, 192)},
+    480: {"1.0": (640, 640), "0.7391304347826086": (544, 736), "1.3529411764705883": (736, 544),
+          "0.5769230769230769": (480, 832), "1.7333333333333334": (832, 480)},
+    704: {"1.0": (960, 960), "0.7647058823529411": (832, 1088), "1.3076923076923077": (1088, 832),
+          "0.55": (704, 1280), "1.8181818181818181": (1280, 704)},
+    720: {"1.0": (960, 960), "0.7536231884057971": (832, 1104), "1.3269230769230769": (1104, 832),
+          "0.5625": (720, 1280), "1.7777777777777777": (1280, 720)},
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ActionRequest:
+    """What one world-action sample needs besides its instruction.
+
+    Args:
+        mode: one of `ACTION_MODES`.
+        chunk_size: N actions (the clip has N + 1 frames).
+        domain_name: embodiment (see `cosmos3.tokenizers.action.EMBODIMENT_TO_RAW_ACTION_DIM`).
+        image / video: the first frame (policy, forward dynamics) or the whole clip (inverse dynamics).
+        actions: `[T, raw_dim]` actions for forward dynamics (shorter: last one repeated; longer: truncated).
+        resolution_tier: 256, 480, 704 or 720 (match the input's native resolution).
+        view_point: the caption's framing (a key of `ACTION_VIEWPOINTS`).
+    """
+
+    mode: str
+    chunk_size: int
+    domain_name: str
+    image: object = None
+    video: object = None
+    actions: torch.Tensor | None = None
+    resolution_tier: int = 480
+    view_point: str = "ego_view"
+
+    def __post_init__(self):
+        if self.mode not in ACTION_MODES:
+            raise ValueError(f"`mode` must be one of {list(ACTION_MODES)}, got {self.mode!r}.")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"`chunk_size` must be an int >= 1, got {self.chunk_size!r}.")
+        if self.domain_name not in EMBODIMENT_TO_RAW_ACTION_DIM:
+            raise ValueError(f"Unknown `domain_name` {self.domain_name!r}; with a fixed action width: "
+                             f"{sorted(EMBODIMENT_TO_RAW_ACTION_DIM)}.")
+        if self.resolution_tier not in RESOLUTION_BINS:
+            tiers = sorted(RESOLUTION_BINS)
+            raise ValueError(f"`resolution_tier` must be one of {tiers}, got {self.resolution_tier!r}.")
+        if self.view_point not in ACTION_VIEWPOINTS:
+            raise ValueError(f"`view_point` must be one of {sorted(ACTION_VIEWPOINTS)}, got {self.view_point!r}.")
+        if (self.image is None) == (self.video is None):
+            raise ValueError("Give exactly one of `image` and `video`.")
+        if self.mode == "inverse_dynamics" and self.video is None:
+            raise ValueError("`mode='inverse_dynamics'` needs `video` (the clip whose actions are inferred).")
+        raw = EMBODIMENT_TO_RAW_ACTION_DIM[self.domain_name]
+        if self.mode == "forward_dynamics":
+            a = self.actions
+            if not isinstance(a, torch.Tensor) or a.ndim != 2 or a.shape[0] < 1 or a.shape[1] != raw:
+                got = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+                raise ValueError(f"`actions` for forward dynamics must be a tensor [T >= 1, {raw}] "
+                                 f"({self.domain_name}), got {got}.")
+        elif self.actions is not None:
+            raise ValueError(f"`actions` are generated in mode {self.mode!r}; pass them only for forward_dynamics.")
+
+    @property
+    def raw_action_dim(self) -> int:
+        return EMBODIMENT_TO_RAW_ACTION_DIM[self.domain_name]
+
+
+def action_canvas(clip, tier: int, num_frames: int) -> tuple[torch.Tensor, int, int, int, int]:
+    """Place a clip on its tier's canvas: returns `[1, 3, num_frames, H, W]`, canvas `(H, W)`, content `(h, w)`."""
+    frames = preprocess_video(clip)  # [1, 3, F, H, W] in [-1, 1]
+    source_h, source_w = frames.shape[-2:]
+    height, width = VideoProcessor.classify_height_width_bin(source_h, source_w, ratios=RESOLUTION_BINS[tier])
+    if frames.shape[2] < num_frames:  # too short: hold the last frame
+        frames = torch.cat([frames, frames[:, :, -1:].expand(-1, -1, num_frames - frames.shape[2], -1, -1)], dim=2)
+    frames = frames[:, :, :num_frames]
+    scale = min(width / source_w, height / source_h, 1.0)
+    content_h, content_w = max(1, int(scale * source_h + 0.5)), max(1, int(scale * source_w + 0.5))
+    flat = frames.permute(0, 2, 1, 3, 4).reshape(-1, 3, source_h, source_w)  # [F, 3, H, W]
+    if (content_h, content_w) != (source_h, source_w):
+        flat = F.interpolate(flat, size=(content_h, content_w), mode="bicubic", align_corners=False, antialias=True)
+    pad_right, pad_bottom = width - content_w, height - content_h
+    if pad_right or pad_bottom:
+        # reflect needs a pad smaller than the content; wider gaps are filled by repeating the edge
+        mode = "replicate" if pad_right >= content_w or pad_bottom >= content_h else "reflect"
+        flat = F.pad(flat, (0, pad_right, 0, pad_bottom), mode=mode)
+    canvas = flat.reshape(1, num_frames, 3, height, width).permute(0, 2, 1, 3, 4)
+    return canvas, height, width, content_h, content_w
+
+
+class Cosmos3WorldActionPipeline(Cosmos3PipelineBase):
+    r"""Robot policy (actions and future frames from a first frame), forward dynamics (future frames from a first
+    frame and actions) and inverse dynamics (actions from a clip), with one request or a batch of them.
+
+    Defaults as the reference call (30 steps, guidance 1: no negative pass). Returns `Cosmos3PipelineOutput` with
+    `frames` (the generated or reconstructed clip on the content area) and `action` (policy and inverse dynamics:
+    `[chunk, raw_dim]` per sample).
+    """
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        action: ActionRequest | list[ActionRequest],
+        negative_prompt: str | list[str] | None = None,
+        fps: float = 24.0,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        use_system_prompt: bool | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+    ):
+        """One sample per (prompt, action request); a single request or prompt is shared by the others."""
+        self._check_common(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
+        if not self.transformer.config.action_gen:
+            raise ValueError("This checkpoint's transformer has no action heads (`action_gen=False`).")
+        requests_in = [action] if isinstance(action, ActionRequest) else list(action)
+        if not requests_in or not all(isinstance(a, ActionRequest) for a in requests_in):
+            raise TypeError(f"`action` must be an ActionRequest or a list of them, got {action!r}.")
+        prompts, negatives = self._expand_prompts(prompt, negative_prompt, 1)
+        n = max(len(prompts), len(requests_in))
+        if len(prompts) not in (1, n) or len(requests_in) not in (1, n):
+            raise ValueError(f"{len(prompts)} prompts and {len(requests_in)} action requests: give one, or as many.")
+        prompts, negatives = (prompts * n)[:n], (negatives * n)[:n]
+        requests_in = (requests_in * n)[:n]
+        generators = _check_generators(generator, n)
+        action_dim = self.transformer.config.action_dim
+        tokenizer, device = self.vision_tokenizer, self._execution_device
+        tcf, sf = int(self.vae.config.scale_factor_temporal), int(self.vae.config.scale_factor_spatial)
+
+        requests = []
+        for prompt_i, negative_i, req, g in zip(prompts, negatives, requests_in, generators):
+            if req.raw_action_dim > action_dim:
+                raise ValueError(f"{req.domain_name} actions are {req.raw_action_dim} wide, over the model's "
+                                 f"action_dim={action_dim}.")
+            num_frames = req.chunk_size + 1
+            clip = [req.image] if req.image is not None else req.video
+            canvas, height, width, content_h, content_w = action_canvas(clip, req.resolution_tier, num_frames)
+            settings = self._prompt_settings(num_frames, height, width, fps, use_system_prompt, True, True,
+                                             action_mode=req.mode, action_view_point=req.view_point)
+            (cond,), (uncond,) = self.encode_prompt([prompt_i], [negative_i], settings)
+            x0 = tokenizer.encode(canvas.to(device).float())[0]  # [C, T, H/16, W/16]
+            x0 = x0[:, :, : max(content_h // sf, 1), : max(content_w // sf, 1)].contiguous()  # drop the padding
+            latent_t = (num_frames - 1) // tcf + 1
+            actions = torch.zeros(req.chunk_size, action_dim)
+            if req.mode == "forward_dynamics":
+                given = req.actions.float()
+                given = torch.cat([given, given[-1:].expand(max(0, req.chunk_size - given.shape[0]), -1)])
+                actions[:, : req.raw_action_dim] = given[: req.chunk_size]
+            requests.append(_Request(
+                cond_ids=cond, uncond_ids=uncond, generator=g, latent_shape=tuple(x0.shape), x0=x0,
+                condition_frames=tuple(range(latent_t)) if req.mode == "inverse_dynamics" else (0,), fps=float(fps),
+                action_x0=actions, action_domain_id=EMBODIMENT_TO_DOMAIN_ID[req.domain_name],
+                action_condition=tuple(range(req.chunk_size)) if req.mode == "forward_dynamics" else (),
+                raw_action_dim=req.raw_action_dim,
+            ))
+        shapes = {r.latent_shape for r in requests}
+        if len(shapes) > 1:
+            raise ValueError(f"A batch of action requests must share one latent shape (chunk size, canvas and "
+                             f"content size); got {sorted(shapes)}. Run them in separate calls.")
+        out = self._generate(
+            requests, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type=output_type,
+            return_dict=return_dict, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
+        )
+        generated = {"policy", "inverse_dynamics"}
+        keep = [r.mode in generated for r in requests_in]
+        if return_dict:
+            out.action = [a if k else None for a, k in zip(out.action, keep)]
+            return out
+        frames, sound, actions = out
+        return frames, sound, [a if k else None for a, k in zip(actions, keep)]
