@@ -9,10 +9,24 @@ from .models import (
     Cosmos3Transformer,
     Cosmos3TransformerOutput,
 )
+from .pipelines import (
+    ActionRequest,
+    Cosmos3ImageToVideoPipeline,
+    Cosmos3TextToImagePipeline,
+    Cosmos3TextToVideoPipeline,
+    Cosmos3VideoToVideoPipeline,
+    Cosmos3WorldActionPipeline,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActionRequest",
+    "Cosmos3ImageToVideoPipeline",
+    "Cosmos3TextToImagePipeline",
+    "Cosmos3TextToVideoPipeline",
+    "Cosmos3VideoToVideoPipeline",
+    "Cosmos3WorldActionPipeline",
     "ATTENTION_BACKENDS",
     "COSMOS3_PRESETS",
     "Cosmos3Layout",
