@@ -1,0 +1,149 @@
+"""`cosmos3 generate`: run a task of a checkpoint folder and write the result.
+
+    cosmos3 generate --task t2i --model ./Cosmos3-Nano --prompt "a red car" --out car.png
+    cosmos3 generate --task t2v --model ./Cosmos3-Nano --prompt "waves" --frames 33 --height 480 --width 832 --out w.mp4
+    cosmos3 generate --task i2v --model ./Cosmos3-Nano --prompt "..." --image first.png --out clip.mp4
+    cosmos3 generate --task policy --model ./Cosmos3-Nano-Policy-DROID --prompt "open the drawer" --image obs.png \
+        --domain droid_lerobot --chunk 16 --out rollout.mp4          # also writes rollout.json with the actions
+
+Outputs: `.png` for t2i, `.mp4` (with sound when `--sound`) for video tasks, and a `.json` next to it with the
+actions of policy / inverse dynamics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+TASKS = ("t2i", "t2v", "i2v", "v2v", "policy", "forward-dynamics", "inverse-dynamics")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cosmos3", description="Cosmos 3 world models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate an image, a video or actions", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("--task", required=True, choices=TASKS)
+    g.add_argument("--model", required=True, help="checkpoint folder (the published diffusers layout)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--out", required=True, help="output path (.png for t2i, .mp4 otherwise)")
+    g.add_argument("--image", help="conditioning image (i2v, policy, forward-dynamics)")
+    g.add_argument("--video", help="conditioning video (v2v, inverse-dynamics)")
+    g.add_argument("--actions", help="JSON file with a [T, D] list of actions (forward-dynamics)")
+    g.add_argument("--domain", help="embodiment for action tasks, e.g. droid_lerobot")
+    g.add_argument("--chunk", type=int, default=16, help="actions per chunk (action tasks)")
+    g.add_argument("--tier", type=int, default=480, help="resolution tier for action tasks")
+    g.add_argument("--frames", type=int, default=33)
+    g.add_argument("--height", type=int, default=480)
+    g.add_argument("--width", type=int, default=832)
+    g.add_argument("--fps", type=float, default=24.0)
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the task's)")
+    g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the task's)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--sound", action="store_true", help="also generate sound (video tasks)")
+    g.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    return parser
+
+
+def _fail(message: str) -> None:
+    print(f"cosmos3: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def generate(args: argparse.Namespace) -> dict:
+    import numpy as np
+    import torch
+
+    from . import io as cio
+    from .pipelines import (
+        ActionRequest,
+        Cosmos3ImageToVideoPipeline,
+        Cosmos3TextToImagePipeline,
+        Cosmos3TextToVideoPipeline,
+        Cosmos3VideoToVideoPipeline,
+        Cosmos3WorldActionPipeline,
+    )
+    from .tokenizers.sound import resample
+
+    ext = os.path.splitext(args.out)[1].lower()
+    expected = ".png" if args.task == "t2i" else ".mp4"
+    if ext != expected:
+        _fail(f"--out for --task {args.task} must end in {expected}, got {args.out!r}")
+    if not os.path.isdir(args.model):
+        _fail(f"--model {args.model!r} is not a folder")
+    needs = {"i2v": "image", "policy": "image", "forward-dynamics": "image", "v2v": "video",
+             "inverse-dynamics": "video"}
+    if args.task in needs and getattr(args, needs[args.task]) is None:
+        _fail(f"--task {args.task} needs --{needs[args.task]}")
+    action_task = args.task in ("policy", "forward-dynamics", "inverse-dynamics")
+    if action_task and not args.domain:
+        _fail(f"--task {args.task} needs --domain (an embodiment name, e.g. droid_lerobot)")
+    if args.task == "forward-dynamics" and not args.actions:
+        _fail("--task forward-dynamics needs --actions (a JSON [T, D] list)")
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    classes = {"t2i": Cosmos3TextToImagePipeline, "t2v": Cosmos3TextToVideoPipeline, "i2v": Cosmos3ImageToVideoPipeline,
+               "v2v": Cosmos3VideoToVideoPipeline}
+    cls = classes.get(args.task, Cosmos3WorldActionPipeline)
+    pipe = cls.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype)).to(device)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    common = dict(negative_prompt=args.negative_prompt, generator=generator, output_type="np")
+    if args.steps is not None:
+        common["num_inference_steps"] = args.steps
+    if args.guidance is not None:
+        common["guidance_scale"] = args.guidance
+    video = dict(num_frames=args.frames, height=args.height, width=args.width, fps=args.fps, enable_sound=args.sound)
+
+    if args.task == "t2i":
+        out = pipe(args.prompt, height=args.height, width=args.width, **common)
+        cio.write_image(args.out, (out.images[0] * 255).round().astype(np.uint8))
+        return {"out": args.out}
+    if args.task == "t2v":
+        out = pipe(args.prompt, **video, **common)
+    elif args.task == "i2v":
+        out = pipe(cio.read_image(args.image), args.prompt, **video, **common)
+    elif args.task == "v2v":
+        out = pipe(list(cio.read_video(args.video).frames), args.prompt, **video, **common)
+    else:
+        mode = args.task.replace("-", "_")
+        kwargs = dict(mode=mode, chunk_size=args.chunk, domain_name=args.domain, resolution_tier=args.tier)
+        if args.image:
+            kwargs["image"] = cio.read_image(args.image)
+        if args.video:
+            kwargs["video"] = list(cio.read_video(args.video).frames)
+        if args.actions:
+            with open(args.actions) as f:
+                kwargs["actions"] = torch.tensor(json.load(f), dtype=torch.float32)
+        out = pipe(args.prompt, ActionRequest(**kwargs), fps=args.fps, **common)
+    frames = (out.frames[0] * 255).round().astype(np.uint8)
+    sound = rate = None
+    if out.sound is not None:
+        # AAC takes the standard rates only; Cosmos 3's 48 kHz is one (the resample is a no-op there).
+        rate = 48000
+        sound = resample(out.sound[0].float().cpu(), int(pipe.sound_tokenizer.config.sampling_rate), rate).numpy()
+    cio.write_video(args.out, frames, args.fps, audio=sound, sample_rate=rate)
+    result = {"out": args.out}
+    if out.action is not None and out.action[0] is not None:
+        actions_path = os.path.splitext(args.out)[0] + ".json"
+        with open(actions_path + ".tmp", "w") as f:
+            json.dump(out.action[0].tolist(), f)
+        os.replace(actions_path + ".tmp", actions_path)
+        result["actions"] = actions_path
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        result = generate(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        _fail(str(e))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
