@@ -132,3 +132,16 @@ def test_invalid_arguments(components, kwargs, match):
         pipe([], **VIDEO)
     with pytest.raises(ValueError, match="`generator` is a list of 2"):
         pipe("a cat", generator=[gen(0), gen(1)], **VIDEO)
+
+
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+def test_group_offloading_gives_the_same_video(components, offload_type):
+    parts, _ = components
+    plain = pipeline(Cosmos3TextToVideoPipeline, parts)
+    expected = plain("a cat", generator=gen(0), guidance_scale=3.0, output_type="np", **VIDEO).frames
+    kwargs = dict(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"), offload_type=offload_type)
+    if offload_type == "block_level":
+        kwargs["num_blocks_per_group"] = 1
+    parts["transformer"].enable_group_offload(**kwargs)
+    got = plain("a cat", generator=gen(0), guidance_scale=3.0, output_type="np", **VIDEO).frames
+    assert np.array_equal(got, expected)
