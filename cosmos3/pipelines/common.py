@@ -104,6 +104,7 @@ class Cosmos3PipelineBase(DiffusionPipeline):
         enable_safety_checker: bool = False,
         default_use_system_prompt: bool = True,
         use_native_flow_schedule: bool = False,
+        distilled_sigmas: list[float] | None = None,
     ):
         super().__init__()
         if safety_checker is not None or enable_safety_checker:
@@ -115,6 +116,7 @@ class Cosmos3PipelineBase(DiffusionPipeline):
             enable_safety_checker=False,
             default_use_system_prompt=default_use_system_prompt,
             use_native_flow_schedule=use_native_flow_schedule,
+            distilled_sigmas=[float(s) for s in distilled_sigmas] if distilled_sigmas else None,
         )
         self.register_modules(
             transformer=transformer, text_tokenizer=text_tokenizer, vae=vae, scheduler=scheduler,
@@ -133,6 +135,15 @@ class Cosmos3PipelineBase(DiffusionPipeline):
             kwargs["transformer"] = Cosmos3Transformer.from_pretrained(sub, torch_dtype=dtype)
         kwargs.setdefault("enable_safety_checker", False)
         kwargs.setdefault("safety_checker", None)
+        # Distilled (few-step) checkpoints carry their fixed schedule in `modular_model_index.json`.
+        modular = os.path.join(str(pretrained_model_name_or_path), "modular_model_index.json")
+        if "distilled_sigmas" not in kwargs and os.path.exists(modular):
+            import json
+
+            with open(modular) as f:
+                sigmas = json.load(f).get("distilled_sigmas")
+            if sigmas:
+                kwargs["distilled_sigmas"] = sigmas
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory, **kwargs):
@@ -198,6 +209,15 @@ class Cosmos3PipelineBase(DiffusionPipeline):
         return prompts, negatives
 
     def _check_common(self, num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs):
+        sigmas = self.config.distilled_sigmas
+        if sigmas:
+            # A distilled student: its steps and its (baked-in) guidance are fixed by the checkpoint.
+            if num_inference_steps != len(sigmas):
+                raise ValueError(f"This is a distilled checkpoint with a fixed {len(sigmas)}-step schedule; "
+                                 f"`num_inference_steps` must be {len(sigmas)}, got {num_inference_steps!r}.")
+            if guidance_scale != 1.0:
+                raise ValueError("This is a distilled checkpoint (guidance is baked in); `guidance_scale` must be "
+                                 f"1.0, got {guidance_scale!r}.")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}.")
         if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
@@ -222,6 +242,21 @@ class Cosmos3PipelineBase(DiffusionPipeline):
 
     def _latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         return self.vision_tokenizer.latent_shape(num_frames, height, width)
+
+    def _renoise_step(self, velocity: Tensor, latents: Tensor, i: int, requests: list[_Request], masks) -> Tensor:
+        """One step of the distilled students' sampler: predict x0, re-noise it to the next sigma with fresh noise
+        (each sample from its own generator, drawn as the scheduler's stochastic step draws it), and put the clean
+        conditioning frames back (re-noising touches every position)."""
+        sigma, next_sigma = self.scheduler.sigmas[i].item(), self.scheduler.sigmas[i + 1].item()
+        x0 = latents - sigma * velocity
+        out = []
+        for b, r in enumerate(requests):
+            noise = randn_tensor((1, 1, *x0.shape[1:]), generator=r.generator, device=x0.device, dtype=x0.dtype)
+            step = (1.0 - next_sigma) * x0[b] + next_sigma * noise[0, 0]
+            if r.condition_frames:
+                step = masks[b] * r.x0.to(step) + (1.0 - masks[b]) * step
+            out.append(step)
+        return torch.stack(out)
 
     # ---------------------------------------------------------------------------------------------------------
     # The denoising loop
@@ -291,7 +326,13 @@ class Cosmos3PipelineBase(DiffusionPipeline):
         text_kv = self.transformer.encode_text(layout)
 
         # 3. Steps.
-        if self.config.use_native_flow_schedule:
+        distilled = bool(self.config.distilled_sigmas)
+        if distilled and (sound is not None or action is not None):
+            raise ValueError("Sound and actions are not supported with a distilled (few-step) checkpoint yet; the "
+                             "released students are text-to-image and image-to-video.")
+        if distilled:
+            self.scheduler.set_timesteps(sigmas=self.config.distilled_sigmas, device=device)
+        elif self.config.use_native_flow_schedule:
             n_train = self.scheduler.config.num_train_timesteps
             sigmas = np.linspace(1.0 - 1.0 / n_train, 0.0, num_inference_steps + 1)[:-1]
             self.scheduler.set_timesteps(num_inference_steps, device=device, sigmas=sigmas)
@@ -320,7 +361,10 @@ class Cosmos3PipelineBase(DiffusionPipeline):
                         v_sound = v_sound[B:] + guidance_scale * (v_sound[:B] - v_sound[B:])
                     if v_action is not None:
                         v_action = v_action[B:] + guidance_scale * (v_action[:B] - v_action[B:])
-                latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
+                if distilled:
+                    latents = self._renoise_step(v, latents, i, requests, masks)
+                else:
+                    latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
                 if sound is not None:
                     sound = sound_scheduler.step(v_sound, t, sound, return_dict=False)[0]
                 if action is not None and any(any_noisy):
