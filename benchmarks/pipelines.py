@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import statistics
-import time
 
 import numpy as np
 import torch
 from diffusers import Cosmos3OmniPipeline, UniPCMultistepScheduler
 from diffusers.pipelines.cosmos.pipeline_cosmos3_omni import CosmosActionCondition
 from PIL import Image
+from timing import timed
 
 from cosmos3 import (
     ActionRequest,
@@ -35,20 +34,6 @@ from cosmos3.tokenizers.text import build_tiny_tokenizer
 
 PROMPT = ("A red car drives along a coastal road at dusk, the camera tracking it from the side while waves break on "
           "the rocks below and the sky turns orange; seagulls glide over the water and headlights come on.")
-
-
-def timed(fn, device, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

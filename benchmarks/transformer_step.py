@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
-import time
 
 import torch
+from timing import timed
 
 from cosmos3 import Cosmos3Sample, Cosmos3Transformer
 from cosmos3.models.transformer_cosmos3 import COSMOS3_PRESETS
@@ -30,20 +29,6 @@ SHAPES = {
     "t2i ~300 text + 256 image tokens": (300, 280, (1, 32, 32)),
     "t2v ~300 text + 2048 video tokens": (300, 280, (8, 32, 32)),
 }
-
-
-def timed(fn, device, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
