@@ -12,6 +12,7 @@ from .models import (
 from .pipelines import (
     ActionRequest,
     Cosmos3ImageToVideoPipeline,
+    Cosmos3TextGenerationPipeline,
     Cosmos3TextToImagePipeline,
     Cosmos3TextToVideoPipeline,
     Cosmos3VideoToVideoPipeline,
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ActionRequest",
     "Cosmos3ImageToVideoPipeline",
+    "Cosmos3TextGenerationPipeline",
     "Cosmos3TextToImagePipeline",
     "Cosmos3TextToVideoPipeline",
     "Cosmos3VideoToVideoPipeline",

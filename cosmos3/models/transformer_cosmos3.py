@@ -35,7 +35,7 @@ from diffusers.utils import BaseOutput
 from torch import Tensor, nn
 
 from ..tokenizers.vision import patchify, unpatchify
-from .attention import gen_attention, resolve_backend, und_attention
+from .attention import _sdpa, gen_attention, resolve_backend, und_attention
 from .layout import Cosmos3Layout
 
 # Named presets (published sizes; see cosmos3.md §1). `tiny` is for tests.
@@ -282,10 +282,8 @@ class Cosmos3Attention(nn.Module):
         self.norm_added_q = _norm(norm_kind, d, config.rms_norm_eps)
         self.norm_added_k = _norm(norm_kind, d, config.rms_norm_eps)
 
-    def forward_und(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], layout: Cosmos3Layout, backend: str
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Text self-attention. Returns the output `[Nu, hidden]` and the (key, value) generated tokens read."""
+    def _text_qkv(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Text-tower queries, keys, values, and the keys as generated tokens read them (all after norm and RoPE)."""
         cos, sin = rope
         q = self.norm_q(self.to_q(x).view(-1, self.num_heads, self.head_dim))  # [Nu, H, D]
         k = self.norm_k(self.to_k(x).view(-1, self.num_kv_heads, self.head_dim))  # [Nu, Hkv, D]
@@ -293,8 +291,30 @@ class Cosmos3Attention(nn.Module):
         k_for_gen = self.k_norm_und_for_gen(k) if self.k_norm_und_for_gen is not None else None
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_for_gen = apply_rope(k_for_gen, cos, sin) if k_for_gen is not None else k
+        return q, k, v, k_for_gen
+
+    def forward_und(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], layout: Cosmos3Layout, backend: str
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Text self-attention. Returns the output `[Nu, hidden]` and the (key, value) generated tokens read."""
+        q, k, v, k_for_gen = self._text_qkv(x, rope)
         out = und_attention(q, k, v, layout, backend)  # [Nu, H, D]
         return self.to_out(out.flatten(1)), (k_for_gen, v)
+
+    def forward_text(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], past: tuple[Tensor, Tensor] | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Causal text self-attention of one sequence continuing `past` (the text tower's own keys/values), for
+        autoregressive decoding. Returns the output `[n, hidden]` and the keys/values including the new tokens."""
+        q, k, v, _ = self._text_qkv(x, rope)
+        if past is not None:
+            k, v = torch.cat([past[0], k]), torch.cat([past[1], v])  # [p + n, Hkv, D]
+        n, total = q.shape[0], k.shape[0]
+        # query i sits at position total - n + i and sees keys up to it; one new token sees everything
+        mask = None if n == 1 else torch.arange(total, device=q.device) <= torch.arange(total - n, total,
+                                                                                        device=q.device)[:, None]
+        out = _sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask=mask)
+        return self.to_out(out[0].transpose(0, 1).flatten(1)), (k, v)
 
     def forward_gen(
         self, x: Tensor, text_kv: tuple[Tensor, Tensor], rope: tuple[Tensor, Tensor], layout: Cosmos3Layout,
@@ -349,6 +369,14 @@ class Cosmos3DecoderLayer(nn.Module):
             gen = gen + self.self_attn.forward_gen(self.input_layernorm_moe_gen(gen), text_kv, rope[1], layout, backend)
             gen = gen + self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(gen))
         return und, gen, text_kv
+
+    def forward_text(
+        self, hidden: Tensor, rope: tuple[Tensor, Tensor], past: tuple[Tensor, Tensor] | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The text tower for autoregressive decoding of one sequence (see `Cosmos3Transformer.text_logits`)."""
+        attn, kv = self.self_attn.forward_text(self.input_layernorm(hidden), rope, past)
+        hidden = hidden + attn
+        return hidden + self.mlp(self.post_attention_layernorm(hidden)), kv
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -524,6 +552,31 @@ class Cosmos3Transformer(ModelMixin, ConfigMixin, CacheMixin):
         return Cosmos3TextKVCache(
             keys=keys, values=values, text_ids=layout.text_ids, text_lengths=list(layout.text_lengths)
         )
+
+    def text_logits(
+        self, input_ids: Tensor, past: list[tuple[Tensor, Tensor]] | None = None
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Next-token logits `[n, vocab]` of the understanding tower for tokens `input_ids` `[n]` of one sequence
+        continuing `past` (per-layer keys/values returned by the previous call; None for a new sequence)."""
+        if not isinstance(input_ids, Tensor) or input_ids.ndim != 1 or input_ids.numel() == 0 or (
+            input_ids.is_floating_point()
+        ):
+            raise ValueError(f"`input_ids` must be a non-empty 1-D integer tensor, got {input_ids!r}.")
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size:
+            raise ValueError(f"`input_ids` must lie in [0, vocab_size={self.config.vocab_size}).")
+        if past is not None and len(past) != len(self.layers):
+            raise ValueError(f"`past` has {len(past)} layers, the model {len(self.layers)}.")
+        device = self.embed_tokens.weight.device
+        start = 0 if past is None else past[0][0].shape[0]
+        hidden = self.embed_tokens(input_ids.to(device))  # [n, hidden]
+        # Text positions are the same on all three mRoPE axes: plain 1-D RoPE.
+        positions = torch.arange(start, start + input_ids.numel(), device=device, dtype=torch.float32)
+        rope = self.rotary_emb(positions[None].expand(3, -1), hidden.dtype)
+        cache = []
+        for i, layer in enumerate(self.layers):
+            hidden, kv = layer.forward_text(hidden, rope, None if past is None else past[i])
+            cache.append(kv)
+        return self.lm_head(self.norm(hidden)), cache
 
     def forward(
         self,

@@ -2,6 +2,7 @@
 
 from .common import Cosmos3PipelineOutput
 from .image_to_video import Cosmos3ImageToVideoPipeline
+from .text_generation import Cosmos3TextGenerationPipeline, Cosmos3TextOutput
 from .text_to_video import Cosmos3ImagePipelineOutput, Cosmos3TextToImagePipeline, Cosmos3TextToVideoPipeline
 from .video_to_video import Cosmos3VideoToVideoPipeline
 from .world_action import ActionRequest, Cosmos3WorldActionPipeline
@@ -12,6 +13,8 @@ __all__ = [
     "Cosmos3ImagePipelineOutput",
     "Cosmos3ImageToVideoPipeline",
     "Cosmos3PipelineOutput",
+    "Cosmos3TextGenerationPipeline",
+    "Cosmos3TextOutput",
     "Cosmos3TextToImagePipeline",
     "Cosmos3TextToVideoPipeline",
     "Cosmos3VideoToVideoPipeline",
