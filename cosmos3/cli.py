@@ -67,7 +67,6 @@ def generate(args: argparse.Namespace) -> dict:
         Cosmos3VideoToVideoPipeline,
         Cosmos3WorldActionPipeline,
     )
-    from .tokenizers.sound import resample
 
     ext = os.path.splitext(args.out)[1].lower()
     expected = ".png" if args.task == "t2i" else ".mp4"
@@ -119,13 +118,7 @@ def generate(args: argparse.Namespace) -> dict:
             with open(args.actions) as f:
                 kwargs["actions"] = torch.tensor(json.load(f), dtype=torch.float32)
         out = pipe(args.prompt, ActionRequest(**kwargs), fps=args.fps, **common)
-    frames = (out.frames[0] * 255).round().astype(np.uint8)
-    sound = rate = None
-    if out.sound is not None:
-        # AAC takes the standard rates only; Cosmos 3's 48 kHz is one (the resample is a no-op there).
-        rate = 48000
-        sound = resample(out.sound[0].float().cpu(), int(pipe.sound_tokenizer.config.sampling_rate), rate).numpy()
-    cio.write_video(args.out, frames, args.fps, audio=sound, sample_rate=rate)
+    out.save(args.out, args.fps)
     result = {"out": args.out}
     if out.action is not None and out.action[0] is not None:
         actions_path = os.path.splitext(args.out)[0] + ".json"

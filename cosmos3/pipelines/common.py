@@ -44,6 +44,27 @@ class Cosmos3PipelineOutput(BaseOutput):
     frames: list | np.ndarray | Tensor
     sound: Tensor | None = None
     action: list[Tensor] | None = None
+    sample_rate: int | None = None
+
+    def save(self, path: str, fps: float, index: int = 0) -> None:
+        """Write sample `index` as an mp4/webm (with its sound, resampled to 48 kHz for AAC/Opus), atomically."""
+        from .. import io as cio
+        from ..tokenizers.sound import resample
+
+        frames = self.frames[index]
+        if isinstance(frames, list):  # PIL frames
+            frames = np.stack([np.asarray(f.convert("RGB")) for f in frames])
+        elif isinstance(frames, Tensor):
+            if frames.ndim != 4 or frames.shape[1] != 3:
+                raise ValueError("`save` needs decoded frames (output_type pil, np or pt), not latents.")
+            frames = frames.permute(0, 2, 3, 1).float().cpu().numpy()
+        if frames.dtype != np.uint8:
+            frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+        audio = rate = None
+        if self.sound is not None:
+            rate = 48000
+            audio = resample(self.sound[index].float().cpu(), self.sample_rate, rate).numpy()
+        cio.write_video(path, frames, fps, audio=audio, sample_rate=rate)
 
 
 @dataclass
@@ -78,6 +99,8 @@ def _check_generators(generator, batch: int) -> list[torch.Generator | None]:
 def _as_prompt_list(name: str, value, allow_none: bool) -> list | None:
     if value is None and allow_none:
         return None
+    if name == "prompt" and (value == "" or isinstance(value, list) and any(v == "" for v in value)):
+        raise ValueError("`prompt` must not be empty (describe what to generate; use `negative_prompt` for the rest).")
     if isinstance(value, str):
         return [value]
     valid = (str, type(None)) if allow_none else str
@@ -393,4 +416,5 @@ class Cosmos3PipelineBase(DiffusionPipeline):
         self.maybe_free_model_hooks()
         if not return_dict:
             return (frames, waveform) if actions is None else (frames, waveform, actions)
-        return Cosmos3PipelineOutput(frames=frames, sound=waveform, action=actions)
+        rate = int(self.sound_tokenizer.config.sampling_rate) if waveform is not None else None
+        return Cosmos3PipelineOutput(frames=frames, sound=waveform, action=actions, sample_rate=rate)

@@ -145,3 +145,16 @@ def test_group_offloading_gives_the_same_video(components, offload_type):
     parts["transformer"].enable_group_offload(**kwargs)
     got = plain("a cat", generator=gen(0), guidance_scale=3.0, output_type="np", **VIDEO).frames
     assert np.array_equal(got, expected)
+
+
+def test_save_writes_video_with_sound(components, tmp_path):
+    from cosmos3 import io as cio
+
+    parts, _ = components
+    pipe = pipeline(Cosmos3TextToVideoPipeline, parts)
+    out = pipe("rain", generator=gen(0), output_type="pil", enable_sound=True, **VIDEO)
+    out.save(tmp_path / "rain.mp4", fps=16.0)
+    clip = cio.read_video(tmp_path / "rain.mp4", with_audio=True)
+    assert clip.frames.shape == (9, 32, 48, 3) and clip.audio is not None and clip.sample_rate == 48000
+    with pytest.raises(ValueError, match="`prompt` must not be empty"):
+        pipe("", **VIDEO)
