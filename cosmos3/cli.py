@@ -84,11 +84,33 @@ def generate(args: argparse.Namespace) -> dict:
     if args.task == "forward-dynamics" and not args.actions:
         _fail("--task forward-dynamics needs --actions (a JSON [T, D] list)")
 
+    from PIL import Image
+
+    # Read every input before loading the model (minutes on a real checkpoint); frames go in as PIL images, which
+    # every preprocessing path reads as 0..255.
+    image = Image.fromarray(cio.read_image(args.image)) if args.image else None
+    frames_in = [Image.fromarray(f) for f in cio.read_video(args.video).frames] if args.video else None
+    actions = None
+    if args.actions:
+        try:
+            with open(args.actions) as f:
+                actions = torch.tensor(json.load(f), dtype=torch.float32)
+        except (OSError, ValueError, TypeError) as e:
+            _fail(f"--actions {args.actions!r} is not a JSON [T, D] list of numbers: {e}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("CUDA is not available here")
+    except RuntimeError as e:
+        _fail(f"--device {args.device!r}: {e}")
     classes = {"t2i": Cosmos3TextToImagePipeline, "t2v": Cosmos3TextToVideoPipeline, "i2v": Cosmos3ImageToVideoPipeline,
                "v2v": Cosmos3VideoToVideoPipeline}
     cls = classes.get(args.task, Cosmos3WorldActionPipeline)
-    pipe = cls.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype)).to(device)
+    try:
+        pipe = cls.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype)).to(device)
+    except OSError as e:
+        _fail(f"--model {args.model!r} is not a readable Cosmos 3 checkpoint folder: {e}")
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     common = dict(negative_prompt=args.negative_prompt, generator=generator, output_type="np")
     if args.steps is not None:
@@ -104,20 +126,14 @@ def generate(args: argparse.Namespace) -> dict:
     if args.task == "t2v":
         out = pipe(args.prompt, **video, **common)
     elif args.task == "i2v":
-        out = pipe(cio.read_image(args.image), args.prompt, **video, **common)
+        out = pipe(image, args.prompt, **video, **common)
     elif args.task == "v2v":
-        out = pipe(list(cio.read_video(args.video).frames), args.prompt, **video, **common)
+        out = pipe(frames_in, args.prompt, **video, **common)
     else:
         mode = args.task.replace("-", "_")
-        kwargs = dict(mode=mode, chunk_size=args.chunk, domain_name=args.domain, resolution_tier=args.tier)
-        if args.image:
-            kwargs["image"] = cio.read_image(args.image)
-        if args.video:
-            kwargs["video"] = list(cio.read_video(args.video).frames)
-        if args.actions:
-            with open(args.actions) as f:
-                kwargs["actions"] = torch.tensor(json.load(f), dtype=torch.float32)
-        out = pipe(args.prompt, ActionRequest(**kwargs), fps=args.fps, **common)
+        request = ActionRequest(mode=mode, chunk_size=args.chunk, domain_name=args.domain, resolution_tier=args.tier,
+                                image=image, video=frames_in, actions=actions)
+        out = pipe(args.prompt, request, fps=args.fps, **common)
     out.save(args.out, args.fps)
     result = {"out": args.out}
     if out.action is not None and out.action[0] is not None:

@@ -16,6 +16,8 @@ masks) and pick their outputs; everything numerical lives here, once:
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,6 +92,9 @@ def _check_generators(generator, batch: int) -> list[torch.Generator | None]:
     if isinstance(generator, list):
         if len(generator) != batch:
             raise ValueError(f"`generator` is a list of {len(generator)} but the batch has {batch} samples.")
+        if not all(isinstance(g, torch.Generator) for g in generator):
+            kinds = [type(g).__name__ for g in generator]
+            raise TypeError(f"`generator` list entries must be torch.Generator, got {kinds}.")
         return generator
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"`generator` must be a torch.Generator, a list of them, or None; got {type(generator)}.")
@@ -99,7 +104,7 @@ def _check_generators(generator, batch: int) -> list[torch.Generator | None]:
 def _as_prompt_list(name: str, value, allow_none: bool) -> list | None:
     if value is None and allow_none:
         return None
-    if name == "prompt" and (value == "" or isinstance(value, list) and any(v == "" for v in value)):
+    if name == "prompt" and (value == "" or isinstance(value, (list, tuple)) and any(v == "" for v in value)):
         raise ValueError("`prompt` must not be empty (describe what to generate; use `negative_prompt` for the rest).")
     if isinstance(value, str):
         return [value]
@@ -241,22 +246,23 @@ class Cosmos3PipelineBase(DiffusionPipeline):
             if guidance_scale != 1.0:
                 raise ValueError("This is a distilled checkpoint (guidance is baked in); `guidance_scale` must be "
                                  f"1.0, got {guidance_scale!r}.")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}.")
-        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be a number >= 0, got {guidance_scale!r}.")
+        if (not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool)
+                or not math.isfinite(guidance_scale) or guidance_scale < 0):
+            raise ValueError(f"`guidance_scale` must be a finite number >= 0, got {guidance_scale!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}, got {output_type!r}.")
-        bad = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        bad = [k for k in callback_on_step_end_tensor_inputs or () if k not in self._callback_tensor_inputs]
         if bad:
             raise ValueError(f"`callback_on_step_end_tensor_inputs` {bad} are not in {self._callback_tensor_inputs}.")
 
     def _check_size(self, num_frames: int, height: int, width: int) -> None:
-        if not isinstance(num_frames, int) or num_frames < 1:
+        if not isinstance(num_frames, numbers.Integral) or isinstance(num_frames, bool) or num_frames < 1:
             raise ValueError(f"`num_frames` must be a positive int, got {num_frames!r}.")
         for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value < 16 or value % 16:
-                lower = max(16, (value // 16) * 16) if isinstance(value, int) else 16
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 16 or value % 16:
+                lower = max(16, (value // 16) * 16) if isinstance(value, numbers.Integral) else 16
                 raise ValueError(f"`{name}` must be a multiple of 16, got {value!r} (nearest: {lower}, {lower + 16}).")
         tf = int(self.vae.config.scale_factor_temporal)
         if (num_frames - 1) % tf:

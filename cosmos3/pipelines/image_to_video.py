@@ -22,10 +22,14 @@ def _per_prompt(name: str, value, num_prompts: int, per_prompt: int, clips: bool
 
 
 def _is_clip(value) -> bool:
-    """A list of PIL frames is one video, not a list of inputs."""
+    """A list of frames (PIL images, or `[H, W, 3]` arrays/tensors) is one video, not a list of inputs."""
+    import numpy as np
     from PIL import Image
 
-    return isinstance(value, (list, tuple)) and len(value) > 0 and isinstance(value[0], Image.Image)
+    if not isinstance(value, (list, tuple)) or not value:
+        return False
+    first = value[0]
+    return isinstance(first, Image.Image) or (isinstance(first, (np.ndarray, torch.Tensor)) and first.ndim == 3)
 
 
 class Cosmos3ImageToVideoPipeline(Cosmos3TextToVideoPipeline):

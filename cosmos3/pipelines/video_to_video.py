@@ -49,8 +49,9 @@ class Cosmos3VideoToVideoPipeline(Cosmos3TextToVideoPipeline):
             raise ValueError("`num_frames` must be > 1 for video-to-video.")
         if condition_video_keep not in ("first", "last"):
             raise ValueError(f"`condition_video_keep` must be 'first' or 'last', got {condition_video_keep!r}.")
-        indexes = tuple(condition_frame_indexes) if not isinstance(condition_frame_indexes, (str, bytes)) else ()
-        if not indexes or not all(isinstance(i, int) and i >= 0 for i in indexes):
+        indexes = condition_frame_indexes
+        indexes = tuple(indexes) if isinstance(indexes, Sequence) and not isinstance(indexes, (str, bytes)) else ()
+        if not indexes or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indexes):
             raise ValueError(
                 "`condition_frame_indexes` must be a non-empty list of non-negative ints, "
                 f"got {condition_frame_indexes!r}."

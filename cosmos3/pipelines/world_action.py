@@ -171,7 +171,10 @@ class Cosmos3WorldActionPipeline(Cosmos3PipelineBase):
             settings = self._prompt_settings(num_frames, height, width, fps, use_system_prompt, True, True,
                                              action_mode=req.mode, action_view_point=req.view_point)
             (cond,), (uncond,) = self.encode_prompt([prompt_i], [negative_i], settings)
-            x0 = tokenizer.encode(canvas.to(device).float())[0]  # [C, T, H/16, W/16]
+            # Frames past the last 1 + 4k do not reach the latents (the causal VAE encodes groups of 4): encode the
+            # ones that do, as the reference's VAE call effectively does.
+            usable = 1 + tcf * ((num_frames - 1) // tcf)
+            x0 = tokenizer.encode(canvas[:, :, :usable].to(device).float().contiguous())[0]  # [C, T, H/16, W/16]
             x0 = x0[:, :, : max(content_h // sf, 1), : max(content_w // sf, 1)].contiguous()  # drop the padding
             latent_t = (num_frames - 1) // tcf + 1
             actions = torch.zeros(req.chunk_size, action_dim)

@@ -54,14 +54,16 @@ def preprocess_image(image, height: int, width: int) -> Tensor:
     if isinstance(image, Image.Image):
         image = torch.from_numpy(np.array(image.convert("RGB"), copy=True)).permute(2, 0, 1).unsqueeze(0)
     elif isinstance(image, np.ndarray):
+        if image.ndim not in (3, 4) or image.shape[-1] != 3:
+            raise ValueError(f"`image` as an array must be [H, W, 3] RGB, got shape {image.shape}.")
         image = torch.from_numpy(image)
         image = (image.unsqueeze(0) if image.ndim == 3 else image).permute(0, 3, 1, 2)
     elif isinstance(image, Tensor):
         image = image.unsqueeze(0) if image.ndim == 3 else image
     else:
         raise TypeError(f"`image` must be a PIL image, numpy array or tensor, got {type(image).__name__}.")
-    if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3:
-        raise ValueError(f"`image` must be one RGB image, got shape {tuple(image.shape)}.")
+    if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3 or min(image.shape[-2:]) < 1:
+        raise ValueError(f"`image` must be one non-empty RGB image, got shape {tuple(image.shape)}.")
     integer = not image.is_floating_point()
     image = image.to(torch.float32)
     if not integer:

@@ -59,3 +59,18 @@ def test_clear_errors(model_dir, capsys, extra, message):
     with pytest.raises(SystemExit) as err:
         cli.main(["generate", "--model", model_dir, "--prompt", "x", *extra])
     assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_video_to_video_and_bad_model_folder(model_dir, tmp_path, capsys):
+    clip = tmp_path / "in.mp4"
+    cio.write_video(clip, np.random.default_rng(0).integers(0, 256, (9, 32, 48, 3), dtype=np.uint8), 16)
+    out = tmp_path / "v2v.mp4"
+    cli.main(["generate", "--task", "v2v", "--model", model_dir, "--prompt", "a river", "--video", str(clip),
+              "--out", str(out), "--frames", "9", "--fps", "16", *COMMON])
+    assert cio.read_video(out).frames.shape == (9, 32, 48, 3)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--task", "t2i", "--model", str(empty), "--prompt", "x", "--out",
+                  str(tmp_path / "a.png")])
+    assert "not a readable Cosmos 3 checkpoint folder" in capsys.readouterr().err

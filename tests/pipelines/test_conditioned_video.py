@@ -68,3 +68,11 @@ def test_invalid_conditioning(components):
         v2v(clip, "a river", condition_frame_indexes=(-1,), **VIDEO)
     with pytest.raises(ValueError, match="`condition_video_keep`"):
         v2v(clip, "a river", condition_video_keep="middle", **VIDEO)
+
+
+def test_video_as_a_list_of_arrays_matches_reference(components):
+    parts, reference = components
+    clip = [np.asarray(picture(i)).astype(np.float32) / 255.0 for i in range(7)]
+    expected = reference("a river", video=clip, generator=gen(2), **VIDEO).video
+    got = pipeline(Cosmos3VideoToVideoPipeline, parts)(clip, "a river", generator=gen(2), **VIDEO).frames
+    assert np.abs(got[0] - expected).max() <= 1e-4

@@ -88,3 +88,14 @@ def test_invalid_requests(kwargs, match):
     fields = dict(mode="policy", chunk_size=8, domain_name="bridge_orig_lerobot", image=picture(0))
     with pytest.raises(ValueError, match=match):
         ActionRequest(**{**fields, **kwargs})
+
+
+@pytest.mark.parametrize("chunk", [5, 6])
+def test_chunks_that_are_not_a_multiple_of_4_match_reference(components, chunk):
+    parts, reference = components
+    kw = dict(mode="policy", chunk_size=chunk, domain_name="fractal", resolution_tier=256, image=picture(3))
+    expected = reference("push the cup", action=CosmosActionCondition(**kw), generator=gen(1), guidance_scale=1.0,
+                         **COMMON)
+    got = pipeline(parts)("push the cup", ActionRequest(**kw), generator=gen(1), guidance_scale=1.0, **COMMON)
+    assert np.abs(got.frames[0] - expected.video).max() <= 1e-4
+    assert (got.action[0] - expected.action[0]).abs().max() <= 1e-4
