@@ -1,42 +1,48 @@
-"""Fine-tuning the generation tower with the rectified-flow objective (single process; see the issue notes for
-what scale-out adds).
+"""Fine-tuning the generation tower with the rectified-flow objective, from one CPU to many GPUs.
 
 * **What trains**: the generation tower and the modality heads (`*_moe_gen`, `add_*`, `to_add_out`,
-  `norm_added_*`, `proj_in/out`, `time_embedder`, sound and action projections), as upstream SFT does; the
+  `norm_added_*`, `proj_in/out`, `time_embedder`, sound and action projections), as upstream SFT does; or, with
+  `lora_rank > 0`, only LoRA adapters on the generation tower's linear layers (`cosmos3.training.lora`). The
   understanding tower is frozen and its keys/values are computed under `no_grad` through the same `forward`
   (`encode_text` + `text_kv_cache`), so there is no separate training path through the model.
 * **Objective**: per sample a timestep from the recipe's distribution (shifted), `x_t = t*noise + (1-t)*x0` on the
   noisy frames/tokens, the velocity `noise - x0` as target, MSE masked to noisy frames, noisy action tokens and
   the embodiment's raw action channels, modality weights from `cosmos3.flow`.
+* **Scale-out** (`parallelism` = "ddp" or "fsdp" under `torchrun`): each rank takes an equal slice of the global
+  batch; every sample's timestep and noise come from its own generator keyed by (seed, step, position in the
+  global batch), and per-modality means are taken over the global batch, so N ranks compute the same loss and
+  update as one process with the whole batch.
 * **Guard**: a step whose loss or gradient norm is not finite is skipped before the optimizer touches anything.
-* **Nothing lost**: a checkpoint is a folder written under a temporary name, completed by a `COMPLETE` marker,
-  then renamed into place; resuming picks the newest complete one (partial or corrupt ones are reported and
-  skipped) and continues with the same data order, so an interrupted run ends where an uninterrupted one does.
-  Everything is safetensors + JSON: nothing is unpickled.
+* **Nothing lost**: checkpoints (`cosmos3.training.checkpoint`) are sharded safetensors written atomically;
+  resuming picks the newest complete one (partial or corrupt ones are reported and skipped) and continues with the
+  same data order, so an interrupted run ends where an uninterrupted one does. Nothing is unpickled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .. import flow
 from ..models.layout import Cosmos3Sample
 from ..models.transformer_cosmos3 import Cosmos3Transformer
+from . import checkpoint, lora
+from .parallel import PARALLELISM, all_reduce_sum, apply_parallelism, full, world
 
 # Parameter-name pieces of the generation tower and the heads (everything else is the frozen text tower).
 GENERATION_PARAMETERS = (
     "_moe_gen", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "norm_added_q", "norm_added_k",
     "proj_in", "proj_out", "time_embedder", "audio_", "action_", "k_norm_und_for_gen",
 )  # fmt: skip
+
+MIXED_PRECISION = ("no", "bf16")
 
 
 @dataclass
@@ -71,7 +77,7 @@ class TrainConfig:
 
     output_dir: str
     max_steps: int = 1000
-    batch_size: int = 1
+    batch_size: int = 1  # the global batch: split evenly over the ranks
     learning_rate: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
@@ -85,46 +91,90 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     gradient_checkpointing: bool = False
+    parallelism: str = "none"  # "none", "ddp" or "fsdp" (under torchrun)
+    mixed_precision: str = "no"  # "bf16": forward and backward under bf16 autocast, fp32 weights and optimizer
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on the generation tower instead of its weights
+    lora_alpha: float | None = None  # LoRA scale numerator (None: equal to the rank)
+    num_workers: int = 0  # data-loading worker processes
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "save_every", "keep_checkpoints"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+        for name in ("lora_rank", "num_workers", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"`{name}` must be an int >= 0, got {value!r}.")
         if not self.learning_rate > 0:
             raise ValueError(f"`learning_rate` must be > 0, got {self.learning_rate!r}.")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"`ema_decay` must be in [0, 1), got {self.ema_decay!r}.")
+        if not self.grad_clip > 0:
+            raise ValueError(f"`grad_clip` must be > 0, got {self.grad_clip!r}.")
         if self.timestep_distribution not in flow.TIMESTEP_DISTRIBUTIONS:
             raise ValueError(f"`timestep_distribution` must be one of {list(flow.TIMESTEP_DISTRIBUTIONS)}, "
                              f"got {self.timestep_distribution!r}.")
+        if self.parallelism not in PARALLELISM:
+            raise ValueError(f"`parallelism` must be one of {list(PARALLELISM)}, got {self.parallelism!r}.")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"`mixed_precision` must be one of {list(MIXED_PRECISION)}, got {self.mixed_precision!r}.")
+        unknown = sorted(set(self.loss_weights) - set(flow.LOSS_WEIGHTS))
+        if unknown:
+            raise ValueError(f"`loss_weights` has unknown modalities {unknown}; valid: {sorted(flow.LOSS_WEIGHTS)}.")
 
 
 def trainable_parameters(model: Cosmos3Transformer) -> dict[str, torch.nn.Parameter]:
-    """The generation tower and heads; freezes the rest (the understanding tower, embeddings, lm_head)."""
+    """The generation tower and heads (or only the LoRA adapters, when the model has them); freezes the rest."""
+    adapters = lora.has_lora(model)
     out = {}
     for name, param in model.named_parameters():
-        train = any(piece in name for piece in GENERATION_PARAMETERS)
+        train = lora.is_lora_parameter(name) if adapters else any(piece in name for piece in GENERATION_PARAMETERS)
         param.requires_grad_(train)
         if train:
             out[name] = param
     return out
 
 
+def sample_generator(seed: int, step: int, position: int) -> torch.Generator:
+    """The generator of one sample of one step: the same on every rank and for every world size."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + position)
+
+
 class Trainer:
-    """Rectified-flow fine-tuning of a `Cosmos3Transformer` on a sequence of `Example`s (see module docstring)."""
+    """Rectified-flow fine-tuning of a `Cosmos3Transformer` on a dataset of `Example`s (see module docstring).
+
+    Args:
+        model: the transformer, on this rank's device (LoRA and parallelism are applied here, from the config).
+        dataset: a map-style dataset (`len`, `[i]`) of `Example`s.
+        config: the `TrainConfig`.
+        log: called with one dict per step and per event (default: JSON lines on stdout, rank 0 only).
+    """
 
     def __init__(self, model: Cosmos3Transformer, dataset: Sequence[Example], config: TrainConfig,
                  log: Callable[[dict], None] | None = None):
         if len(dataset) < config.batch_size:
             raise ValueError(f"The dataset has {len(dataset)} examples, fewer than `batch_size`={config.batch_size}.")
-        self.model, self.dataset, self.config = model, dataset, config
-        self.log = log or (lambda record: print(json.dumps(record), flush=True))
-        self.params = trainable_parameters(model)
+        self.rank, self.world_size = world()
+        if config.batch_size % self.world_size:
+            raise ValueError(f"`batch_size`={config.batch_size} must be a multiple of the number of processes "
+                             f"({self.world_size}): each rank takes an equal slice of the batch.")
+        self.dataset, self.config = dataset, config
+        self.log = log or ((lambda r: print(json.dumps(r), flush=True)) if self.rank == 0 else (lambda r: None))
+        if config.lora_rank:
+            model = lora.add_lora(model, config.lora_rank, config.lora_alpha)
+        trainable_parameters(model)
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
+        self.model = model
+        self.forward_model = apply_parallelism(model, config.parallelism, forward_methods=("encode_text",))
+        # after wrapping: under FSDP these are the sharded DTensor parameters
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=config.learning_rate, betas=config.betas,
                                            weight_decay=config.weight_decay)
+        for p in self.params.values():  # created up front so a checkpoint always holds the same tensors
+            self.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                       "exp_avg_sq": torch.zeros_like(p)}
         self.ema = {name: p.detach().clone() for name, p in self.params.items()}
         self.step = 0
         self.skipped_steps = 0
@@ -132,25 +182,50 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ data order
 
     def _batch_indices(self, step: int) -> list[int]:
-        """The examples of `step`: a fresh seeded permutation each epoch, so a resumed run sees the same order."""
+        """The global batch of `step`: a fresh seeded permutation each epoch, so a resumed run sees the same order."""
         n, size = len(self.dataset), self.config.batch_size
         per_epoch = n // size
         epoch, position = divmod(step, per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 100_003 + epoch))
         return order[position * size : (position + 1) * size].tolist()
 
+    def _local_positions(self) -> range:
+        """This rank's slice of the global batch (positions, not dataset indices)."""
+        per_rank = self.config.batch_size // self.world_size
+        return range(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+    def _batches(self, start: int) -> Iterator[list[Example]]:
+        """This rank's examples of every step from `start`, in order."""
+        for step in range(start, self.config.max_steps):
+            indices = self._batch_indices(step)
+            yield [self.dataset[indices[p]] for p in self._local_positions()]
+
     # ---------------------------------------------------------------------------------------------------- the loss
 
-    def loss(self, examples: Sequence[Example], generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        """The weighted, masked flow-matching loss of a batch, and its per-modality parts."""
+    def _autocast(self):
+        if self.config.mixed_precision == "bf16":
+            return torch.autocast(self.model.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def loss(self, examples: Sequence[Example], generators: torch.Generator | Sequence[torch.Generator]
+             ) -> tuple[Tensor, dict[str, float]]:
+        """The weighted, masked flow-matching loss of this rank's `examples`, and the per-modality parts.
+
+        `generators`: one per example (its timestep and noise), or one shared generator. Per-modality means are over
+        the samples of the whole global batch that have the modality (counts are all-reduced), scaled so that the
+        average of the ranks' losses, which is what data-parallel gradients average, is the global batch's loss.
+        """
         model, cfg = self.model, self.config
         device, dtype = model.device, model.dtype
-        B = len(examples)
-        t = flow.shift_timesteps(flow.sample_timesteps(B, cfg.timestep_distribution, generator=generator),
-                                 cfg.timestep_shift)
-        samples, x_t = [], {"vision": [], "sound": [], "action": []}
-        per_modality = {"vision": [], "sound": [], "action": []}
-        for b, ex in enumerate(examples):
+        if isinstance(generators, torch.Generator):
+            generators = [generators] * len(examples)
+        if len(generators) != len(examples):
+            raise ValueError(f"{len(generators)} generators for {len(examples)} examples.")
+        samples, x_t, per_modality, t = [], {"vision": [], "sound": [], "action": []}, {}, []
+        for b, (ex, gen) in enumerate(zip(examples, generators)):
+            t_b = flow.shift_timesteps(flow.sample_timesteps(1, cfg.timestep_distribution, generator=gen),
+                                       cfg.timestep_shift)[0]
+            t.append(t_b)
             samples.append(Cosmos3Sample(
                 text_ids=list(ex.text_ids), vision_shape=tuple(ex.vision.shape[1:]), fps=ex.fps,
                 vision_condition_frames=ex.vision_condition_frames,
@@ -164,56 +239,79 @@ class Trainer:
                     x_t[name].append(None)
                     continue
                 x0 = x0.float()
-                noise = torch.randn(x0.shape, generator=generator)
+                noise = torch.randn(x0.shape, generator=gen)
                 # which positions are clean (conditioning): frames of vision ([C, T, ...] axis 1), tokens of actions
                 axis = 1 if name == "vision" else 0
                 clean_mask = torch.zeros(x0.shape[axis])
                 clean_mask[list(clean)] = 1.0
                 clean_mask = clean_mask.view(*([1] * axis), -1, *([1] * (x0.ndim - axis - 1)))
-                x_t[name].append(flow.add_noise(x0, noise, t[b], clean_mask=clean_mask).to(device, dtype))
+                x_t[name].append(flow.add_noise(x0, noise, t_b, clean_mask=clean_mask).to(device, dtype))
                 loss_mask = (1.0 - clean_mask).expand_as(x0).clone()
                 if name == "action" and ex.raw_action_dim is not None:
                     loss_mask[:, ex.raw_action_dim :] = 0.0  # padded channels carry no loss
-                per_modality[name].append((b, flow.velocity_target(x0, noise), loss_mask))
+                if loss_mask.any():
+                    per_modality.setdefault(name, []).append((b, flow.velocity_target(x0, noise), loss_mask))
+        t = torch.stack(t)
         layout = model.build_layout(samples)
-        with torch.no_grad():  # the understanding tower is frozen
-            text_kv = model.encode_text(layout)
-        out = model(
-            layout, x_t["vision"], (t * 1000).to(device),
-            sound=x_t["sound"] if any(x is not None for x in x_t["sound"]) else None,
-            action=x_t["action"] if any(x is not None for x in x_t["action"]) else None,
-            text_kv_cache=text_kv,
-        )
+        with self._autocast():
+            with torch.no_grad():  # the understanding tower is frozen
+                text_kv = model.encode_text(layout)
+            out = self.forward_model(
+                layout, x_t["vision"], (t * 1000).to(device),
+                sound=x_t["sound"] if any(x is not None for x in x_t["sound"]) else None,
+                action=x_t["action"] if any(x is not None for x in x_t["action"]) else None,
+                text_kv_cache=text_kv,
+            )
         predictions = {"vision": out.sample, "sound": out.sound, "action": out.action}
-        losses = {}
-        for name, items in per_modality.items():
-            if not items:
+        # samples per modality over the global batch (the same on every rank)
+        names = list(flow.LOSS_WEIGHTS)
+        counts = all_reduce_sum(torch.tensor([float(len(per_modality.get(m, ()))) for m in names]))
+        sums, parts = {}, {}
+        for name, count in zip(names, counts.tolist()):
+            if count == 0:
                 continue
             errors = [flow.masked_mse(predictions[name][b].float()[None], target[None].to(device),
-                                      mask[None].to(device)) for b, target, mask in items]
-            losses[name] = torch.stack(errors).mean()
-        total = flow.flow_matching_loss(losses, cfg.loss_weights, cfg.loss_scale)
-        return total, {k: float(v.detach()) for k, v in losses.items()}
+                                      mask[None].to(device)) for b, target, mask in per_modality.get(name, ())]
+            local = torch.stack(errors).sum() if errors else predictions["vision"][0].sum() * 0.0
+            sums[name] = local * (self.world_size / count)
+            parts[name] = float(all_reduce_sum(local.detach().float().cpu())) / count
+        total = flow.flow_matching_loss(sums, cfg.loss_weights, cfg.loss_scale)
+        if cfg.parallelism == "fsdp" and self.world_size > 1:
+            # FSDP2 reduce-scatters the root's gradients as one buffer, so every rank must produce a gradient for
+            # every root parameter, also for heads its own samples did not use (sound, actions): a zero one. The
+            # root stays unsharded between forward and backward, so these are the gathered parameters.
+            root = [p for n, p in self.model.named_parameters() if p.requires_grad and not n.startswith("layers.")]
+            total = total + 0.0 * sum(p.float().sum() for p in root)
+        return total, parts
 
     # ---------------------------------------------------------------------------------------------------- a step
 
-    def train_step(self) -> dict:
+    def train_step(self, examples: Sequence[Example] | None = None) -> dict:
+        """One optimizer step on this rank's `examples` of the current step (fetched from the dataset if None)."""
         cfg = self.config
         self.model.train()
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)  # the step's own noise
-        examples = [self.dataset[i] for i in self._batch_indices(self.step)]
-        loss, parts = self.loss(examples, generator)
+        if examples is None:
+            indices = self._batch_indices(self.step)
+            examples = [self.dataset[indices[p]] for p in self._local_positions()]
+        generators = [sample_generator(cfg.seed, self.step, p) for p in self._local_positions()]
+        loss, parts = self.loss(examples, generators)
         self.optimizer.zero_grad(set_to_none=True)
-        record = {"step": self.step + 1, "loss": float(loss.detach()), **{f"loss_{k}": v for k, v in parts.items()}}
-        if not torch.isfinite(loss):
+        global_loss = float(all_reduce_sum(loss.detach().float().cpu())) / self.world_size
+        record = {"step": self.step + 1, "loss": global_loss, **{f"loss_{k}": v for k, v in parts.items()}}
+        if not torch.isfinite(torch.tensor(global_loss)):
             record["skipped"] = "non-finite loss"
         else:
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip)
+            grad_norm = full(torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip))
             record["grad_norm"] = float(grad_norm)
             if not torch.isfinite(grad_norm):
                 record["skipped"] = "non-finite gradient norm"
             else:
+                for p in self.params.values():
+                    # A head no sample of the batch used (sound, actions) gets a zero gradient, not none, so that
+                    # Adam treats it the same on one process and under FSDP (where it must produce one).
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
                 self.optimizer.step()
                 with torch.no_grad():
                     for name, p in self.params.items():
@@ -235,9 +333,10 @@ class Trainer:
         records = []
         flush = self.model.device.type == "cpu" and torch.set_flush_denormal(True)
         try:
+            batches = self._batches(self.step)
             while self.step < self.config.max_steps:
                 start = time.perf_counter()
-                record = self.train_step()
+                record = self.train_step(next(batches))
                 record["seconds"] = round(time.perf_counter() - start, 4)
                 self.log(record)
                 records.append(record)
@@ -250,85 +349,67 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------- checkpoints
 
-    def _checkpoint_dir(self, step: int) -> str:
-        return os.path.join(self.config.output_dir, f"checkpoint-{step:08d}")
+    def state(self) -> dict[str, Tensor]:
+        """Everything a resume needs, as a flat dict of (possibly sharded) tensors."""
+        state = {}
+        for name, p in self.params.items():
+            state[f"model.{name}"] = p
+            state[f"ema.{name}"] = self.ema[name]
+            for key, value in self.optimizer.state[p].items():
+                state[f"optim.{name}.{key}"] = value
+        return state
 
     def save(self) -> str:
-        """Write the checkpoint of the current step atomically; prune old ones. Returns its folder."""
-        final = self._checkpoint_dir(self.step)
-        tmp = final + ".partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        weights = {k: v.detach().contiguous().cpu() for k, v in self.params.items()}
-        save_file(weights, os.path.join(tmp, "model.safetensors"))
-        save_file({k: v.contiguous().cpu() for k, v in self.ema.items()}, os.path.join(tmp, "ema.safetensors"))
-        state = {}
-        for i, param in enumerate(self.params.values()):
-            for key, value in self.optimizer.state.get(param, {}).items():
-                state[f"{i}.{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
-        save_file(state, os.path.join(tmp, "optimizer.safetensors"))
-        meta = {"step": self.step, "skipped_steps": self.skipped_steps, "parameters": list(self.params),
-                "config": asdict(self.config)}
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(meta, f, indent=2, default=list)
-        with open(os.path.join(tmp, "COMPLETE"), "w") as f:  # written last: its presence means all of the above is
-            f.write("ok\n")
-            f.flush()
-            os.fsync(f.fileno())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        self._prune()
-        return final
-
-    def _prune(self) -> None:
-        done = sorted(d for d in os.listdir(self.config.output_dir) if d.startswith("checkpoint-") and
-                      not d.endswith(".partial"))
-        for old in done[: -self.config.keep_checkpoints]:
-            shutil.rmtree(os.path.join(self.config.output_dir, old), ignore_errors=True)
+        """Write the checkpoint of the current step (all ranks call this); returns its folder."""
+        meta = {"skipped_steps": self.skipped_steps, "world_size": self.world_size, "config": asdict(self.config)}
+        return checkpoint.save(self.config.output_dir, self.step, self.state(), meta, self.config.keep_checkpoints)
 
     def resume(self) -> int | None:
         """Load the newest complete checkpoint in `output_dir`; partial or corrupt ones are skipped with a message."""
-        root = self.config.output_dir
-        if not os.path.isdir(root):
+        state = self.state()
+        meta = checkpoint.load_latest(self.config.output_dir, state, self.log)
+        if meta is None:
             return None
-        for name in sorted((d for d in os.listdir(root) if d.startswith("checkpoint-")), reverse=True):
-            folder = os.path.join(root, name)
-            if name.endswith(".partial") or not os.path.exists(os.path.join(folder, "COMPLETE")):
-                self.log({"event": "skipping incomplete checkpoint", "path": folder})
-                continue
-            try:
-                self._load(folder)
-            except Exception as e:  # a truncated or damaged file: fall back to an older checkpoint
-                self.log({"event": "skipping corrupt checkpoint", "path": folder, "error": f"{type(e).__name__}: {e}"})
-                continue
-            self.log({"event": "resumed", "path": folder, "step": self.step})
-            return self.step
-        return None
-
-    def _load(self, folder: str) -> None:
-        with open(os.path.join(folder, "trainer_state.json")) as f:
-            meta = json.load(f)
-        if meta["parameters"] != list(self.params):
-            raise ValueError("the checkpoint trains a different set of parameters than this model")
-        weights = load_file(os.path.join(folder, "model.safetensors"))
-        ema = load_file(os.path.join(folder, "ema.safetensors"))
-        optimizer = load_file(os.path.join(folder, "optimizer.safetensors"))
-        with torch.no_grad():
-            for name, param in self.params.items():
-                if weights[name].shape != param.shape:
-                    raise ValueError(f"{name}: checkpoint {tuple(weights[name].shape)} vs model {tuple(param.shape)}")
-                param.copy_(weights[name])
-                self.ema[name].copy_(ema[name])
-        self.optimizer.state.clear()
-        for i, param in enumerate(self.params.values()):
-            state = {key.split(".", 1)[1]: value for key, value in optimizer.items() if key.split(".", 1)[0] == str(i)}
-            if state:
-                self.optimizer.state[param] = {k: v.to(param.device) if k != "step" else v for k, v in state.items()}
         self.step, self.skipped_steps = int(meta["step"]), int(meta["skipped_steps"])
+        return self.step
+
+    # ------------------------------------------------------------------------------------------------- export
+
+    def full_state_dict(self, use_ema: bool = True) -> dict[str, Tensor]:
+        """The whole model's state dict in the reference layout (collective under FSDP): trained (or EMA) weights
+        over the frozen ones, LoRA adapters merged into their base weights, on the CPU."""
+        trained = self.ema if use_ema else {n: p.detach() for n, p in self.params.items()}
+        state = {}
+        for name, value in self.model.state_dict().items():
+            value = trained.get(name, value)
+            state[name] = full(value.detach()).cpu().clone()
+        return lora.merged_state_dict(self.model, state) if lora.has_lora(self.model) else state
+
+    def export(self, transformer_dir: str, use_ema: bool = True) -> str | None:
+        """Write the trained transformer as a diffusers folder (config + safetensors) that `from_pretrained` of
+        ours and of the reference load; all ranks call this, rank 0 writes. Returns the folder on rank 0."""
+        state = self.full_state_dict(use_ema)
+        if self.rank != 0:
+            return None
+        return save_transformer(dict(self.model.config), state, transformer_dir)
+
+
+def save_transformer(config: dict, state: dict[str, Tensor], out_dir: str) -> str:
+    """Save `state` as a `Cosmos3Transformer` folder at `out_dir`, atomically (written aside, then renamed)."""
+    import shutil
+
+    model = Cosmos3Transformer.from_config(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"cannot export: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]} keys.")
+    tmp = out_dir.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
 
 
 def ema_state_dict(trainer: Trainer) -> dict[str, Tensor]:
     """The full model state dict with the EMA weights in place of the trained ones (for export)."""
-    state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    state.update({k: v.clone() for k, v in trainer.ema.items()})
-    return state
+    return trainer.full_state_dict(use_ema=True)
