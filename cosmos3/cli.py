@@ -1,4 +1,6 @@
-"""`cosmos3 generate`: run a task of a checkpoint folder and write the result.
+"""`cosmos3 generate | train | distill | export`.
+
+`cosmos3 generate`: run a task of a checkpoint folder and write the result.
 
     cosmos3 generate --task t2i --model ./Cosmos3-Nano --prompt "a red car" --out car.png
     cosmos3 generate --task t2v --model ./Cosmos3-Nano --prompt "waves" --frames 33 --height 480 --width 832 --out w.mp4
@@ -46,6 +48,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--sound", action="store_true", help="also generate sound (video tasks)")
     g.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    t = sub.add_parser("train", help="fine-tune with a TOML recipe (also under torchrun)")
+    t.add_argument("recipe", help="TOML recipe (see cosmos3.training.config)")
+    d = sub.add_parser("distill", help="distill a few-step student with a TOML recipe (also under torchrun)")
+    d.add_argument("recipe", help="TOML recipe (see cosmos3.training.distill)")
+    e = sub.add_parser("export", help="write a pipeline folder from a training checkpoint")
+    e.add_argument("checkpoint", help="a checkpoint-XXXXXXXX folder")
+    e.add_argument("--model", required=True, help="the pipeline folder the run started from")
+    e.add_argument("--out", required=True, help="the new pipeline folder")
+    e.add_argument("--no-ema", action="store_true", help="export the trained weights instead of their EMA")
     return parser
 
 
@@ -148,10 +159,23 @@ def generate(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
-        result = generate(args)
+        if args.command == "generate":
+            print(json.dumps(generate(args)))
+        elif args.command == "train":
+            from .training import recipes
+
+            recipes.train(args.recipe)
+        elif args.command == "distill":
+            from .training import recipes
+
+            recipes.distill(args.recipe)
+        elif args.command == "export":
+            from .training.export import export_checkpoint
+
+            out = export_checkpoint(args.checkpoint, args.model, args.out, use_ema=not args.no_ema)
+            print(json.dumps({"pipeline": out}))
     except (ValueError, TypeError, FileNotFoundError) as e:
         _fail(str(e))
-    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -146,20 +146,24 @@ class Trainer:
 
     Args:
         model: the transformer, on this rank's device (LoRA and parallelism are applied here, from the config).
-        dataset: a map-style dataset (`len`, `[i]`) of `Example`s.
+        dataset: a map-style dataset (`len`, `[i]`) of `Example`s, or of raw samples that `transform` turns into
+            `Example`s (e.g. `cosmos3.training.datasets.LeRobotDataset` + `cosmos3.training.encode.ExampleEncoder`).
         config: the `TrainConfig`.
         log: called with one dict per step and per event (default: JSON lines on stdout, rank 0 only).
+        transform: applied to each sample in the loader's worker processes (`config.num_workers`); samples whose
+            decoding or transform fails are counted, reported through `log` and skipped.
     """
 
-    def __init__(self, model: Cosmos3Transformer, dataset: Sequence[Example], config: TrainConfig,
-                 log: Callable[[dict], None] | None = None):
+    def __init__(self, model: Cosmos3Transformer, dataset: Sequence, config: TrainConfig,
+                 log: Callable[[dict], None] | None = None, transform: Callable | None = None):
         if len(dataset) < config.batch_size:
             raise ValueError(f"The dataset has {len(dataset)} examples, fewer than `batch_size`={config.batch_size}.")
         self.rank, self.world_size = world()
         if config.batch_size % self.world_size:
             raise ValueError(f"`batch_size`={config.batch_size} must be a multiple of the number of processes "
                              f"({self.world_size}): each rank takes an equal slice of the batch.")
-        self.dataset, self.config = dataset, config
+        self.dataset, self.config, self.transform = dataset, config, transform
+        self.bad_samples = 0
         self.log = log or ((lambda r: print(json.dumps(r), flush=True)) if self.rank == 0 else (lambda r: None))
         if config.lora_rank:
             model = lora.add_lora(model, config.lora_rank, config.lora_alpha)
@@ -194,11 +198,25 @@ class Trainer:
         per_rank = self.config.batch_size // self.world_size
         return range(self.rank * per_rank, (self.rank + 1) * per_rank)
 
-    def _batches(self, start: int) -> Iterator[list[Example]]:
-        """This rank's examples of every step from `start`, in order."""
-        for step in range(start, self.config.max_steps):
+    def _batches(self, start: int) -> Iterator[list[tuple[int, Example]]]:
+        """This rank's `(position in the global batch, example)` pairs of every step from `start`, in order, loaded
+        by `DataLoaderWithSkips` (worker processes, bad samples skipped and reported)."""
+        from .datasets import DataLoaderWithSkips
+
+        def local(step):
             indices = self._batch_indices(step)
-            yield [self.dataset[indices[p]] for p in self._local_positions()]
+            return [indices[p] for p in self._local_positions()]
+
+        def report(message):
+            self.bad_samples += 1 if message.startswith("Skipped") else 0
+            self.log({"event": "bad sample", "step": self.step + 1, "message": message})
+
+        loader = DataLoaderWithSkips(_Indexed(self.dataset), (local(s) for s in range(start, self.config.max_steps)),
+                                     num_workers=self.config.num_workers, transform=_PairTransform(self.transform),
+                                     log=report)
+        for step, pairs in zip(range(start, self.config.max_steps), loader):
+            position = {index: p for p, index in enumerate(self._batch_indices(step))}
+            yield [(position[index], example) for index, example in pairs]
 
     # ---------------------------------------------------------------------------------------------------- the loss
 
@@ -286,18 +304,25 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------------- a step
 
-    def train_step(self, examples: Sequence[Example] | None = None) -> dict:
-        """One optimizer step on this rank's `examples` of the current step (fetched from the dataset if None)."""
+    def train_step(self, batch: Sequence[tuple[int, Example]] | None = None) -> dict:
+        """One optimizer step on this rank's `(position, example)` pairs of the current step (read from the dataset
+        if None). When any rank has no example left (all its samples failed to load), every rank skips the step."""
         cfg = self.config
         self.model.train()
-        if examples is None:
+        if batch is None:
             indices = self._batch_indices(self.step)
-            examples = [self.dataset[indices[p]] for p in self._local_positions()]
-        generators = [sample_generator(cfg.seed, self.step, p) for p in self._local_positions()]
+            batch = [(p, self.dataset[indices[p]]) for p in self._local_positions()]
+        if float(all_reduce_sum(torch.tensor([float(len(batch) == 0)]))) > 0:
+            self.skipped_steps += 1
+            self.step += 1
+            return {"step": self.step, "skipped": "no valid samples in a batch"}
+        examples = [example for _, example in batch]
+        generators = [sample_generator(cfg.seed, self.step, p) for p, _ in batch]
         loss, parts = self.loss(examples, generators)
         self.optimizer.zero_grad(set_to_none=True)
         global_loss = float(all_reduce_sum(loss.detach().float().cpu())) / self.world_size
-        record = {"step": self.step + 1, "loss": global_loss, **{f"loss_{k}": v for k, v in parts.items()}}
+        record = {"step": self.step + 1, "loss": global_loss, **{f"loss_{k}": v for k, v in parts.items()},
+                  "samples": int(all_reduce_sum(torch.tensor([float(len(batch))])))}
         if not torch.isfinite(torch.tensor(global_loss)):
             record["skipped"] = "non-finite loss"
         else:
@@ -392,6 +417,34 @@ class Trainer:
         if self.rank != 0:
             return None
         return save_transformer(dict(self.model.config), state, transformer_dir)
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """`dataset[i]` as `(i, sample)`, so the trainer knows each loaded sample's place in its batch."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return index, self.dataset[index]
+
+    def sample_path(self, index: int) -> str | None:
+        path = getattr(self.dataset, "sample_path", None)
+        return path(index) if path is not None else None
+
+
+class _PairTransform:
+    """Applies the user's transform to the sample of an `(index, sample)` pair (picklable for worker processes)."""
+
+    def __init__(self, transform: Callable | None):
+        self.transform = transform
+
+    def __call__(self, pair):
+        index, sample = pair
+        return index, sample if self.transform is None else self.transform(sample)
 
 
 def save_transformer(config: dict, state: dict[str, Tensor], out_dir: str) -> str:

@@ -1,0 +1,95 @@
+"""`cosmos3 train RECIPE` and `cosmos3 distill RECIPE`: read and check a TOML recipe, build the pieces, run.
+
+Both run unchanged in one process or under `torchrun --nproc-per-node N -m cosmos3 train RECIPE` (the recipe's
+`[train] parallelism` picks DDP or FSDP2). Rerunning the same command after an interruption resumes from the
+newest complete checkpoint. At the end, rank 0 exports `<output_dir>/pipeline`: the base pipeline folder with the
+trained transformer (EMA weights), loadable by every pipeline here and by diffusers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .config import ConfigError, Recipe, load_recipe, split_data_table
+from .encode import WORLD_ACTION_TASKS, ExampleEncoder, normalizer_from_stats
+from .logs import RunLogger
+from .parallel import init_distributed
+from .trainer import TrainConfig, Trainer
+
+# The encoder's arguments that the command fills in from the model folder and the dataset.
+ENCODER_SET_BY_COMMAND = ("vae", "text_tokenizer", "action_normalizer", "action_dim", "device")
+
+
+def _load_transformer(folder: str, device: torch.device):
+    from ..models.transformer_cosmos3 import Cosmos3Transformer
+
+    path = os.path.join(folder, "transformer")
+    if not os.path.isdir(path):
+        raise ValueError(f"`model` = {folder!r} is not a pipeline folder (no transformer/ inside).")
+    return Cosmos3Transformer.from_pretrained(path, torch_dtype=torch.float32).to(device)
+
+
+def _dataset(recipe: Recipe):
+    from .datasets import FolderDataset, LeRobotDataset
+
+    kind, kwargs = split_data_table(recipe.path, recipe.tables["data"])
+    return (LeRobotDataset if kind == "lerobot" else FolderDataset)(**kwargs)
+
+
+def _encoder(recipe: Recipe, dataset) -> tuple[ExampleEncoder, object | None]:
+    options = dict(recipe.tables["encode"])
+    normalizer = None
+    if options.get("task") in WORLD_ACTION_TASKS:
+        stats = getattr(dataset, "stats", None)
+        if not stats:
+            raise ValueError(f"{recipe.path}: task {options['task']!r} needs action statistics; [data] must be a "
+                             "LeRobot dataset with meta/stats.json.")
+        normalizer = normalizer_from_stats(stats, embodiment=options.get("embodiment"))
+        options["action_normalizer"] = normalizer
+    return ExampleEncoder.from_pretrained(recipe.model, **options), normalizer
+
+
+def read_train_recipe(path: str) -> Recipe:
+    recipe = load_recipe(path, {"data": None, "encode": ExampleEncoder, "train": TrainConfig},
+                         exclude={"encode": ENCODER_SET_BY_COMMAND})
+    split_data_table(path, recipe.tables["data"])
+    try:  # value checks (ranges, choices) before anything loads
+        TrainConfig(**recipe.tables["train"])
+    except ValueError as e:
+        raise ConfigError(f"{path}: [train] {e}") from None
+    return recipe
+
+
+def train(path: str) -> str | None:
+    """Run the training recipe at `path`; returns the exported pipeline folder (rank 0) or None (other ranks)."""
+    from .export import export_pipeline
+
+    recipe = read_train_recipe(path)
+    config = TrainConfig(**recipe.tables["train"])
+    info = init_distributed(recipe.device)
+    dataset = _dataset(recipe)
+    encoder, normalizer = _encoder(recipe, dataset)
+    model = _load_transformer(recipe.model, info.device)
+    with RunLogger(config.output_dir, config.max_steps, tensorboard=recipe.log_tensorboard) as log:
+        log({"event": "start", "recipe": os.path.abspath(path), "examples": len(dataset), "ranks": info.world_size,
+             "device": str(info.device)})
+        trainer = Trainer(model, dataset, config, log=log, transform=encoder)
+        trainer.train()
+        state = trainer.full_state_dict(use_ema=True)
+        out = None
+        if info.is_main:
+            out = export_pipeline(recipe.model, state, os.path.join(config.output_dir, "pipeline"))
+            if normalizer is not None:
+                normalizer.save(os.path.join(out, "action_normalizer.json"))
+            log({"event": "exported", "path": out, "bad_samples": trainer.bad_samples,
+                 "skipped_steps": trainer.skipped_steps})
+    _finish()
+    return out
+
+
+def _finish() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
