@@ -28,7 +28,7 @@ def _load_transformer(folder: str, device: torch.device):
     path = os.path.join(folder, "transformer")
     if not os.path.isdir(path):
         raise ValueError(f"`model` = {folder!r} is not a pipeline folder (no transformer/ inside).")
-    return Cosmos3Transformer.from_pretrained(path, torch_dtype=torch.float32).to(device)
+    return Cosmos3Transformer.from_pretrained(path, dtype=torch.float32).to(device)
 
 
 def _dataset(recipe: Recipe):
@@ -85,6 +85,69 @@ def train(path: str) -> str | None:
                 normalizer.save(os.path.join(out, "action_normalizer.json"))
             log({"event": "exported", "path": out, "bad_samples": trainer.bad_samples,
                  "skipped_steps": trainer.skipped_steps})
+    _finish()
+    return out
+
+
+def prompt_options(file: str | None = None, texts: list[str] | None = None, negative_prompt: str | None = None,
+                   num_frames: int = 1, height: int = 720, width: int = 1280, fps: float = 24.0,
+                   use_system_prompt: bool | None = None, add_resolution_template: bool = True,
+                   add_duration_template: bool = True) -> dict:
+    """The `[prompts]` table of a distillation recipe: the prompts (a text file with one per line, and/or a list)
+    and the pipeline-call settings the student will be used with (1 frame: text-to-image)."""
+    return dict(locals())
+
+
+def read_distill_recipe(path: str) -> Recipe:
+    from .distill import DistillConfig
+
+    recipe = load_recipe(path, {"prompts": prompt_options, "distill": DistillConfig})
+    options = recipe.tables["prompts"]
+    if not options.get("file") and not options.get("texts"):
+        raise ConfigError(f"{path}: [prompts] needs `file` (one prompt per line) or `texts` (a list).")
+    try:
+        DistillConfig(**recipe.tables["distill"])
+    except ValueError as e:
+        raise ConfigError(f"{path}: [distill] {e}") from None
+    return recipe
+
+
+def distill(path: str) -> str:
+    """Run the distillation recipe at `path`; returns the exported distilled pipeline folder."""
+    import shutil
+
+    from ..pipelines import Cosmos3TextToVideoPipeline
+    from .distill import DistillConfig, Distiller, pipeline_prompts
+
+    recipe = read_distill_recipe(path)
+    options = dict(recipe.tables["prompts"])
+    file, texts = options.pop("file", None), list(options.pop("texts", None) or [])
+    if file:
+        file = file if os.path.isabs(file) else os.path.join(os.path.dirname(os.path.abspath(path)), file)
+        with open(file, encoding="utf-8") as f:
+            texts += [line.strip() for line in f if line.strip()]
+    config = DistillConfig(**recipe.tables["distill"])
+    info = init_distributed(recipe.device)
+    if info.world_size > 1:
+        raise ValueError("`cosmos3 distill` runs in one process (the student and critic are not sharded yet); "
+                         "launch it without torchrun.")
+    pipe = Cosmos3TextToVideoPipeline.from_pretrained(recipe.model, dtype=torch.float32)
+    if pipe.config.distilled_sigmas:
+        raise ValueError(f"`model` = {recipe.model!r} is already a distilled student; distill from the teacher.")
+    prompts = pipeline_prompts(pipe, texts, options.pop("negative_prompt", None), **options)
+    teacher = pipe.transformer.to(info.device)
+    with RunLogger(config.output_dir, config.max_steps, tensorboard=recipe.log_tensorboard) as log:
+        log({"event": "start", "recipe": os.path.abspath(path), "prompts": len(prompts), "device": str(info.device)})
+        distiller = Distiller(teacher, prompts, config, log=log)
+        distiller.train()
+        out = os.path.join(config.output_dir, "pipeline")
+        fresh = out + ".new"
+        shutil.rmtree(fresh, ignore_errors=True)
+        distiller.export(pipe, fresh, ema=True)
+        shutil.rmtree(out, ignore_errors=True)  # the previous export of this run (rebuilt from the checkpoints)
+        os.replace(fresh, out)
+        log({"event": "exported", "path": out, "skipped_student_steps": distiller.skipped_student_steps,
+             "skipped_critic_steps": distiller.skipped_critic_steps})
     _finish()
     return out
 

@@ -1,0 +1,524 @@
+"""Few-step distillation of the generation tower: DMD2 in rectified-flow form, with backward simulation.
+
+What the released `-4Step` students are (see `shared/reference/cosmos3.md`, "Distillation"): a student that samples
+in 4 steps at sigmas `[1, 15/16, 5/6, 5/8]` with stochastic re-noising, the teacher's classifier-free guidance baked
+in (the student runs with guidance 1), trained with DMD2 against a fake-score critic updated 5 times per student
+update. Here, with the same pieces as `Trainer`:
+
+* **Three networks, one text tower.** The student and the critic start as copies of the teacher's trainable
+  generation tower (`trainable_parameters`); the understanding tower (and `k_norm_und_for_gen`, which acts on
+  text keys only) is *shared*, not copied, and frozen, so its keys/values are computed once per batch with
+  `encode_text` under `no_grad` and read by all three. The teacher is frozen.
+* **Backward simulation.** The student's input at schedule step `k` is what the student itself produces from pure
+  noise through steps `0..k-1` (no grad), with the pipeline's re-noising rule (`_renoise_step`: `x0 = x - s_i v`,
+  then `(1 - s_{i+1}) x0 + s_{i+1} * fresh noise`, clean conditioning frames put back), so training inputs are the
+  inputs the distilled pipeline feeds it.
+* **Distribution matching (student).** The student's `x0` is re-noised at a random `t`; the teacher ("real
+  score", with CFG `v_u + g (v_c - v_u)`) and the critic ("fake score", conditional) predict `x0` from it; the
+  gradient `(fake_x0 - real_x0) / mean|x0 - real_x0|` (per sample, DMD's normalization) is applied through the
+  MSE-to-a-stop-gradient-target trick: `0.5 * |x0 - sg(x0 - grad)|^2`. Descending it moves samples from where the
+  critic says the student's distribution is toward where the teacher says the data is (reverse-KL gradient).
+* **Critic.** The ordinary rectified-flow (velocity) loss on the student's detached samples, so it tracks the
+  student's distribution. One step of `Distiller` is one critic update; every `critic_updates_per_student_update`-th
+  step (starting with the first) also updates the student (DMD2's two-time-scale rule).
+* **Nothing lost**, as `Trainer` and with its checkpoint format (`cosmos3.training.checkpoint`): atomic checkpoints
+  (student, critic, both optimizers, student EMA, step) under a `COMPLETE` marker, resume from the newest complete
+  one with the same data order and noise, non-finite steps skipped before the optimizer. Single process (the
+  critic and the student are not wrapped for DDP/FSDP here).
+* **Export.** `export_student` writes a pipeline folder with `distilled_sigmas` (in the pipeline config and in
+  `modular_model_index.json`, as the released students carry it) that `Cosmos3TextToImagePipeline.from_pretrained`
+  (or the video pipelines) loads as a fixed-schedule, guidance-1 student.
+
+Conditioning frames (image-to-video) are supported: they stay clean through simulation and re-noising and carry no
+loss. Sound and actions are not (the distilled pipeline path refuses them too).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from .. import flow
+from ..models.layout import Cosmos3Layout, Cosmos3Sample
+from ..models.transformer_cosmos3 import Cosmos3TextKVCache, Cosmos3Transformer
+from . import checkpoint
+from .trainer import Example, Trainer, sample_generator, trainable_parameters
+
+# The released 4-step students' schedule (cosmos3.md, "Distillation").
+DEFAULT_STUDENT_SIGMAS: tuple[float, ...] = (1.0, 15 / 16, 5 / 6, 5 / 8)
+# Generation-tower parameters that act on the text keys only: computed once per batch, so shared and frozen.
+_TEXT_SIDE_PARAMETERS = ("k_norm_und_for_gen",)
+
+
+@dataclass
+class DistillPrompt:
+    """One distillation prompt: what the pipeline would feed the model for it (DMD is data-free apart from this).
+
+    Args:
+        text_ids: prompt token ids, as the pipeline builds them (`pipeline_prompts` does).
+        negative_ids: the negative prompt's ids (the teacher's unconditional pass of guidance).
+        vision_shape: latent shape `(C, T, h, w)`.
+        fps: clip frame rate (the pipeline passes 24 for images).
+        vision_condition_frames: latent frames given clean (image-to-video), taken from `condition`.
+        condition: clean latents `[C, T, h, w]` holding the conditioning frames (other frames are ignored).
+    """
+
+    text_ids: Sequence[int]
+    negative_ids: Sequence[int]
+    vision_shape: tuple[int, int, int, int]
+    fps: float | None = None
+    vision_condition_frames: tuple[int, ...] = ()
+    condition: Tensor | None = None
+
+
+@dataclass
+class DistillConfig:
+    """Flat distillation settings (a TOML file maps onto these fields one to one). Defaults: the reference recipe."""
+
+    output_dir: str
+    max_steps: int = 1000  # critic updates; the student updates on every `critic_updates_per_student_update`-th
+    batch_size: int = 1
+    student_learning_rate: float = 2e-6
+    critic_learning_rate: float = 4e-7
+    betas: tuple[float, float] = (0.0, 0.999)
+    weight_decay: float = 0.0
+    guidance_scale: float = 6.0  # the teacher's CFG, baked into the student (which then runs with guidance 1)
+    student_sigmas: list[float] = field(default_factory=lambda: list(DEFAULT_STUDENT_SIGMAS))
+    critic_updates_per_student_update: int = 5
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999  # EMA weight of the old average per student update
+    # The `t` at which the student's samples are re-noised for the scores and for the critic's loss:
+    # `min_timestep + (max_timestep - min_timestep) * shift(sample(timestep_distribution))`.
+    timestep_distribution: str = "uniform"
+    timestep_shift: float = 1.0
+    min_timestep: float = 0.02
+    max_timestep: float = 0.98
+    temporal_compression: int = 4  # the VAE's (position ids of video frames)
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "save_every", "keep_checkpoints", "critic_updates_per_student_update",
+                     "temporal_compression"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+        for name in ("student_learning_rate", "critic_learning_rate", "grad_clip", "timestep_shift"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"`{name}` must be > 0, got {value!r}.")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"`betas` must be two numbers in [0, 1), got {self.betas!r}.")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"`weight_decay` must be >= 0, got {self.weight_decay!r}.")
+        if not (isinstance(self.guidance_scale, (int, float)) and 1.0 <= self.guidance_scale < float("inf")):
+            raise ValueError(f"`guidance_scale` must be a finite number >= 1 (1: no guidance), got "
+                             f"{self.guidance_scale!r}.")
+        sigmas = list(self.student_sigmas)
+        if (not sigmas or sigmas[0] != 1.0 or any(not 0 < s <= 1 for s in sigmas)
+                or any(b >= a for a, b in zip(sigmas, sigmas[1:]))):
+            raise ValueError("`student_sigmas` must start at 1.0 (the pipeline starts from pure noise) and decrease "
+                             f"strictly within (0, 1], got {self.student_sigmas!r}.")
+        self.student_sigmas = [float(s) for s in sigmas]
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"`ema_decay` must be in [0, 1), got {self.ema_decay!r}.")
+        if self.timestep_distribution not in flow.TIMESTEP_DISTRIBUTIONS:
+            raise ValueError(f"`timestep_distribution` must be one of {list(flow.TIMESTEP_DISTRIBUTIONS)}, "
+                             f"got {self.timestep_distribution!r}.")
+        if not 0 <= self.min_timestep < self.max_timestep <= 1:
+            raise ValueError(f"`min_timestep` and `max_timestep` must satisfy 0 <= min < max <= 1, got "
+                             f"{self.min_timestep!r} and {self.max_timestep!r}.")
+
+
+def pipeline_prompts(pipeline, prompts: Sequence[str] | str, negative_prompt: str | Sequence[str] | None = None, *,
+                     num_frames: int = 1, height: int = 720, width: int = 1280, fps: float = 24.0,
+                     use_system_prompt: bool | None = None, add_resolution_template: bool = True,
+                     add_duration_template: bool = True) -> list[DistillPrompt]:
+    """`DistillPrompt`s holding exactly the ids and latent shapes a text-to-image (`num_frames=1`, the defaults of
+    `Cosmos3TextToImagePipeline`) or text-to-video pipeline call with these arguments builds, so the student is
+    distilled on what it will be asked at inference."""
+    requests = pipeline._requests(prompts, negative_prompt, 1, None, num_frames, height, width, fps, False,
+                                  use_system_prompt, add_resolution_template, add_duration_template)
+    return [DistillPrompt(r.cond_ids, r.uncond_ids, tuple(r.latent_shape), fps=r.fps) for r in requests]
+
+
+@dataclass
+class _Batch:
+    """A batch's static parts: layouts and text caches (conditional, and conditional + negative for the teacher),
+    per-sample clean-frame masks `[1, T, 1, 1]` and clean latents."""
+
+    prompts: list[DistillPrompt]
+    layout: Cosmos3Layout
+    text_kv: Cosmos3TextKVCache
+    cfg_layout: Cosmos3Layout | None
+    cfg_text_kv: Cosmos3TextKVCache | None
+    clean_masks: list[Tensor]
+    clean: list[Tensor]
+
+
+class Distiller:
+    """DMD2 distillation of `teacher` into a few-step student (see the module docstring).
+
+    Args:
+        teacher: the model to distill; frozen, and its text tower is shared with the student and the critic.
+        dataset: `DistillPrompt`s, or `Example`s (only their ids, latent shape, fps and conditioning frames are
+            used; their negative prompt is `negative_ids`).
+        config: the settings.
+        log: receives one dict per step and per event (default: JSON lines on stdout).
+        negative_ids: the negative prompt's ids for `Example`s (required with guidance).
+    """
+
+    # The data order is `Trainer`'s (it reads only `config.seed`, `config.batch_size` and `dataset`): a fresh seeded
+    # permutation per epoch, so a resumed run sees the same batches.
+    _batch_indices = Trainer._batch_indices
+
+    def __init__(self, teacher: Cosmos3Transformer, dataset: Sequence[DistillPrompt | Example], config: DistillConfig,
+                 log: Callable[[dict], None] | None = None, negative_ids: Sequence[int] | None = None):
+        if len(dataset) < config.batch_size:
+            raise ValueError(f"The dataset has {len(dataset)} examples, fewer than `batch_size`={config.batch_size}.")
+        self.teacher, self.dataset, self.config = teacher, dataset, config
+        self.negative_ids = None if negative_ids is None else list(negative_ids)
+        self.log = log or (lambda record: print(json.dumps(record), flush=True))
+        self._prompt(dataset[0])  # fail now, not at step 1, on a dataset this cannot use
+        names = [n for n in trainable_parameters(teacher) if not any(p in n for p in _TEXT_SIDE_PARAMETERS)]
+        # Copies share every parameter outside `names` with the teacher (deepcopy takes them from the memo).
+        shared = {id(p): p for n, p in teacher.named_parameters() if n not in names}
+        self.student = copy.deepcopy(teacher, memo=dict(shared))
+        self.critic = copy.deepcopy(teacher, memo=dict(shared))
+        teacher.requires_grad_(False).eval()
+        self.student_params = self._trainable(self.student, names)
+        self.critic_params = self._trainable(self.critic, names)
+        if config.gradient_checkpointing:
+            self.student.enable_gradient_checkpointing()
+            self.critic.enable_gradient_checkpointing()
+        self.student_optimizer = torch.optim.AdamW(self.student_params.values(), lr=config.student_learning_rate,
+                                                   betas=config.betas, weight_decay=config.weight_decay)
+        self.critic_optimizer = torch.optim.AdamW(self.critic_params.values(), lr=config.critic_learning_rate,
+                                                  betas=config.betas, weight_decay=config.weight_decay)
+        for params, optimizer in ((self.student_params, self.student_optimizer),
+                                  (self.critic_params, self.critic_optimizer)):
+            for p in params.values():  # created up front (as `Trainer` does) so a checkpoint always holds them
+                optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
+        self.ema = {name: p.detach().clone() for name, p in self.student_params.items()}
+        # The pipeline keeps its sigmas in float32 (`scheduler.sigmas`); so do we, so the student sees the same t.
+        self.sigmas = torch.tensor(config.student_sigmas + [0.0], dtype=torch.float32)
+        self.step = 0
+        self.skipped_student_steps = 0
+        self.skipped_critic_steps = 0
+
+    @staticmethod
+    def _trainable(model: Cosmos3Transformer, names: Sequence[str]) -> dict[str, torch.nn.Parameter]:
+        params = dict(model.named_parameters())
+        for p in params.values():
+            p.requires_grad_(False)
+        for n in names:
+            params[n].requires_grad_(True)
+        return {n: params[n] for n in names}
+
+    # ------------------------------------------------------------------------------------------------- the batch
+
+    def _prompt(self, item: DistillPrompt | Example) -> DistillPrompt:
+        if isinstance(item, DistillPrompt):
+            prompt = item
+        elif isinstance(item, Example):
+            if item.sound is not None or item.action is not None:
+                raise ValueError("Distillation generates vision only (the distilled pipeline path refuses sound and "
+                                 "actions); this Example has sound or actions.")
+            if self.negative_ids is None and self.config.guidance_scale != 1.0:
+                raise ValueError("`Example`s carry no negative prompt: pass `negative_ids` to the Distiller (or use "
+                                 "`DistillPrompt`s) when `guidance_scale` != 1.")
+            frames = tuple(item.vision_condition_frames)
+            prompt = DistillPrompt(list(item.text_ids), self.negative_ids or [], tuple(item.vision.shape),
+                                   fps=item.fps, vision_condition_frames=frames,
+                                   condition=item.vision if frames else None)
+        else:
+            raise TypeError(f"Dataset items must be DistillPrompt or Example, got {type(item).__name__}.")
+        if len(prompt.vision_shape) != 4:
+            raise ValueError(f"`vision_shape` must be (C, T, h, w), got {prompt.vision_shape!r}.")
+        if prompt.vision_condition_frames and prompt.condition is None:
+            raise ValueError("A prompt with `vision_condition_frames` needs the clean latents in `condition`.")
+        return prompt
+
+    def batch(self, prompts: Sequence[DistillPrompt | Example]) -> _Batch:
+        """The static parts of a batch of prompts (layouts, the text keys/values, clean frames), built once per step."""
+        prompts = [self._prompt(p) for p in prompts]
+        model, cfg = self.teacher, self.config
+
+        def sample(p: DistillPrompt, ids: Sequence[int]) -> Cosmos3Sample:
+            return Cosmos3Sample(text_ids=list(ids), vision_shape=tuple(p.vision_shape[1:]), fps=p.fps,
+                                 vision_condition_frames=tuple(p.vision_condition_frames))
+
+        cond = [sample(p, p.text_ids) for p in prompts]
+        layout = model.build_layout(cond, temporal_compression=cfg.temporal_compression)
+        cfg_layout = cfg_text_kv = None
+        with torch.no_grad():  # the text tower is frozen and shared by the three networks
+            text_kv = model.encode_text(layout)
+            if cfg.guidance_scale != 1.0:  # the teacher's guided pass: conditional samples, then their negatives
+                cfg_layout = model.build_layout(cond + [sample(p, p.negative_ids) for p in prompts],
+                                                temporal_compression=cfg.temporal_compression)
+                cfg_text_kv = model.encode_text(cfg_layout)
+        masks, clean = [], []
+        for p in prompts:
+            mask = torch.zeros(1, p.vision_shape[1], 1, 1)
+            mask[:, list(p.vision_condition_frames)] = 1.0
+            masks.append(mask)
+            clean.append(torch.zeros(p.vision_shape) if p.condition is None else p.condition.float().cpu() * mask)
+        return _Batch(prompts, layout, text_kv, cfg_layout, cfg_text_kv, masks, clean)
+
+    # ---------------------------------------------------------------------------------------------------- pieces
+
+    def _velocity(self, model: Cosmos3Transformer, batch: _Batch, x: list[Tensor], t: Tensor) -> list[Tensor]:
+        """`model`'s velocity (float32) for the conditional samples `x` at per-sample `t` in [0, 1]."""
+        out = model(batch.layout, [xi.to(model.device, model.dtype) for xi in x], (t * 1000).to(model.device),
+                    text_kv_cache=batch.text_kv).sample
+        return [v.float() for v in out]
+
+    def _teacher_velocity(self, batch: _Batch, x: list[Tensor], t: Tensor) -> list[Tensor]:
+        """The teacher's guided velocity `v_u + g (v_c - v_u)` in float32, as the pipeline computes it."""
+        if batch.cfg_layout is None:
+            return self._velocity(self.teacher, batch, x, t)
+        model, g = self.teacher, self.config.guidance_scale
+        vision = [xi.to(model.device, model.dtype) for xi in x] * 2
+        out = model(batch.cfg_layout, vision, (torch.cat([t, t]) * 1000).to(model.device),
+                    text_kv_cache=batch.cfg_text_kv).sample
+        B = len(x)
+        return [out[B + b].float() + g * (out[b].float() - out[B + b].float()) for b in range(B)]
+
+    def _with_clean(self, batch: _Batch, x: list[Tensor]) -> list[Tensor]:
+        """Put the clean conditioning frames back (as `_renoise_step` does after re-noising)."""
+        return [m.to(xi) * c.to(xi) + (1.0 - m.to(xi)) * xi for xi, m, c in zip(x, batch.clean_masks, batch.clean)]
+
+    def _noise(self, batch: _Batch, generator: torch.Generator) -> list[Tensor]:
+        device = self.teacher.device
+        return [torch.randn(p.vision_shape, generator=generator).to(device) for p in batch.prompts]
+
+    def _sample_t(self, n: int, generator: torch.Generator) -> Tensor:
+        cfg = self.config
+        u = flow.shift_timesteps(flow.sample_timesteps(n, cfg.timestep_distribution, generator=generator),
+                                 cfg.timestep_shift)
+        return cfg.min_timestep + (cfg.max_timestep - cfg.min_timestep) * u
+
+    @torch.no_grad()
+    def simulate(self, batch: _Batch, k: int, generator: torch.Generator) -> list[Tensor]:
+        """Backward simulation: the student's own input at schedule step `k`, from pure noise through steps
+        `0..k-1` with the distilled pipeline's rule (predict `x0`, re-noise to the next sigma with fresh noise)."""
+        x = self._with_clean(batch, self._noise(batch, generator))
+        for i in range(k):
+            sigma, next_sigma = self.sigmas[i], self.sigmas[i + 1]
+            v = self._velocity(self.student, batch, x, sigma.expand(len(x)))
+            x0 = [xi - sigma.item() * vi for xi, vi in zip(x, v)]
+            noise = self._noise(batch, generator)
+            x = self._with_clean(batch, [(1.0 - next_sigma.item()) * a + next_sigma.item() * n
+                                         for a, n in zip(x0, noise)])
+        return x
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[DistillPrompt | Example], generator: torch.Generator) -> list[Tensor]:
+        """The student's full few-step samples (`x0` of the last step), drawing noise as the distilled pipeline does
+        for one request with `generator` (so one prompt and a fresh generator reproduce the pipeline's output)."""
+        batch = self.batch(prompts)
+        last = len(self.config.student_sigmas) - 1
+        x = self.simulate(batch, last, generator)
+        sigma = self.sigmas[last]
+        v = self._velocity(self.student, batch, x, sigma.expand(len(x)))
+        return self._with_clean(batch, [xi - sigma.item() * vi for xi, vi in zip(x, v)])
+
+    def dmd_loss(self, batch: _Batch, x0: list[Tensor], generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """DMD's distribution-matching loss of the student's `x0` (with grad); returns it and the re-noising `t`."""
+        B = len(x0)
+        t = self._sample_t(B, generator)
+        noise = self._noise(batch, generator)
+        with torch.no_grad():
+            x_t = [flow.add_noise(xi.detach(), n, t[b].item(), clean_mask=m.to(xi))
+                   for b, (xi, n, m) in enumerate(zip(x0, noise, batch.clean_masks))]
+            real = self._teacher_velocity(batch, x_t, t)
+            fake = self._velocity(self.critic, batch, x_t, t)
+        losses = []
+        for b in range(B):
+            noisy = (1.0 - batch.clean_masks[b]).to(x0[b]).expand_as(x0[b])
+            with torch.no_grad():
+                real_x0 = flow.predict_x0(x_t[b], real[b], t[b].item())
+                fake_x0 = flow.predict_x0(x_t[b], fake[b], t[b].item())
+                # DMD's per-sample normalization: the step is measured in units of how far the teacher is from x0.
+                scale = ((x0[b].detach() - real_x0).abs() * noisy).sum() / noisy.sum().clamp_min(1.0)
+                grad = torch.nan_to_num((fake_x0 - real_x0) / scale.clamp_min(1e-8)) * noisy
+            losses.append(0.5 * flow.masked_mse(x0[b][None], (x0[b] - grad).detach()[None], noisy[None]))
+        return torch.stack(losses).mean(), t
+
+    def critic_loss(self, batch: _Batch, x0: list[Tensor], generator: torch.Generator,
+                    model: Cosmos3Transformer | None = None) -> Tensor:
+        """The rectified-flow (velocity) loss of the critic (or of `model`, e.g. the teacher, to see how much better
+        the critic knows the student's distribution) on the student's (detached) samples `x0`."""
+        t = self._sample_t(len(x0), generator)
+        noise = self._noise(batch, generator)
+        x_t = [flow.add_noise(xi, n, t[b].item(), clean_mask=m.to(xi))
+               for b, (xi, n, m) in enumerate(zip(x0, noise, batch.clean_masks))]
+        v = self._velocity(self.critic if model is None else model, batch, x_t, t)
+        errors = [flow.masked_mse(vi[None], flow.velocity_target(xi, n)[None], (1.0 - m.to(xi))[None])
+                  for vi, xi, n, m in zip(v, x0, noise, batch.clean_masks)]
+        return torch.stack(errors).mean()
+
+    def _update(self, loss: Tensor, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                record: dict, name: str) -> bool:
+        """Backward and step, unless the loss or the gradient norm is not finite (then nothing changes)."""
+        optimizer.zero_grad(set_to_none=True)
+        record[f"loss_{name}"] = float(loss.detach())
+        skipped = None
+        if not torch.isfinite(loss):
+            skipped = "non-finite loss"
+        else:
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), self.config.grad_clip)
+            record[f"grad_norm_{name}"] = float(grad_norm)
+            if not torch.isfinite(grad_norm):
+                skipped = "non-finite gradient norm"
+            else:
+                optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if skipped:
+            record[f"skipped_{name}"] = skipped
+        return skipped is None
+
+    # ---------------------------------------------------------------------------------------------------- a step
+
+    def train_step(self) -> dict:
+        cfg = self.config
+        self.student.train()
+        self.critic.train()
+        generator = sample_generator(cfg.seed, self.step, 0)  # the step's own noise (a resume redraws it)
+        batch = self.batch([self.dataset[i] for i in self._batch_indices(self.step)])
+        update_student = self.step % cfg.critic_updates_per_student_update == 0
+        k = int(torch.randint(len(cfg.student_sigmas), (1,), generator=generator))  # one schedule step per batch
+        x = self.simulate(batch, k, generator)
+        record: dict = {"step": self.step + 1, "student_update": update_student, "sigma": cfg.student_sigmas[k]}
+        sigma = self.sigmas[k]
+        with torch.set_grad_enabled(update_student):
+            v = self._velocity(self.student, batch, x, sigma.expand(len(x)))
+            x0 = self._with_clean(batch, [xi - sigma.item() * vi for xi, vi in zip(x, v)])
+        if update_student:
+            loss, _ = self.dmd_loss(batch, x0, generator)
+            if self._update(loss, self.student_params, self.student_optimizer, record, "dmd"):
+                with torch.no_grad():
+                    for name, p in self.student_params.items():
+                        self.ema[name].lerp_(p.detach(), 1.0 - cfg.ema_decay)
+            else:
+                self.skipped_student_steps += 1
+        loss = self.critic_loss(batch, [xi.detach() for xi in x0], generator)
+        if not self._update(loss, self.critic_params, self.critic_optimizer, record, "critic"):
+            self.skipped_critic_steps += 1
+        self.step += 1
+        return record
+
+    def train(self) -> list[dict]:
+        """Resume from the newest complete checkpoint, if any, then run to `max_steps`, saving as configured.
+
+        On CPU, denormals are flushed while training (as `Trainer.train` does, for the same ~25x slowdown)."""
+        self.resume()
+        records = []
+        flush = self.teacher.device.type == "cpu" and torch.set_flush_denormal(True)
+        try:
+            while self.step < self.config.max_steps:
+                start = time.perf_counter()
+                record = self.train_step()
+                record["seconds"] = round(time.perf_counter() - start, 4)
+                self.log(record)
+                records.append(record)
+                if self.step % self.config.save_every == 0 or self.step == self.config.max_steps:
+                    self.save()
+        finally:
+            if flush:
+                torch.set_flush_denormal(False)
+        return records
+
+    # --------------------------------------------------------------------------------------------- checkpoints
+
+    def state(self) -> dict[str, Tensor]:
+        """Everything a resume needs, as a flat dict of tensors (the `cosmos3.training.checkpoint` format)."""
+        state = {}
+        for prefix, params, optimizer in (("student", self.student_params, self.student_optimizer),
+                                          ("critic", self.critic_params, self.critic_optimizer)):
+            for name, p in params.items():
+                state[f"{prefix}.{name}"] = p
+                for key, value in optimizer.state[p].items():
+                    state[f"{prefix}_optim.{name}.{key}"] = value
+        state.update({f"ema.{name}": value for name, value in self.ema.items()})
+        return state
+
+    def save(self) -> str:
+        """Write the checkpoint of the current step atomically (`checkpoint.save`); returns its folder."""
+        meta = {"skipped_student_steps": self.skipped_student_steps, "skipped_critic_steps": self.skipped_critic_steps,
+                "config": asdict(self.config)}
+        return checkpoint.save(self.config.output_dir, self.step, self.state(), meta, self.config.keep_checkpoints)
+
+    def resume(self) -> int | None:
+        """Load the newest complete checkpoint in `output_dir`; partial or corrupt ones are skipped with a message."""
+        meta = checkpoint.load_latest(self.config.output_dir, self.state(), self.log)
+        if meta is None:
+            return None
+        self.step = int(meta["step"])
+        self.skipped_student_steps = int(meta["skipped_student_steps"])
+        self.skipped_critic_steps = int(meta["skipped_critic_steps"])
+        return self.step
+
+    # ---------------------------------------------------------------------------------------------------- export
+
+    def export(self, pipeline, save_directory: str, ema: bool = True) -> str:
+        """Write the student (its EMA weights with `ema`) as a distilled pipeline folder; see `export_student`."""
+        backup = {}
+        try:
+            if ema:  # swap the EMA in and back rather than copying the whole model
+                with torch.no_grad():
+                    for name, p in self.student_params.items():
+                        backup[name] = p.detach().clone()
+                        p.copy_(self.ema[name])
+            return export_student(self.student, pipeline, save_directory, self.config.student_sigmas)
+        finally:
+            with torch.no_grad():
+                for name, value in backup.items():
+                    self.student_params[name].copy_(value)
+
+
+def export_student(student: Cosmos3Transformer, pipeline, save_directory: str,
+                   sigmas: Sequence[float] = DEFAULT_STUDENT_SIGMAS) -> str:
+    """Save `student` with `pipeline`'s tokenizer and VAE as a distilled pipeline folder, atomically.
+
+    The folder holds the full transformer state dict (the teacher's text tower, the student's generation tower),
+    the re-noising scheduler of the distilled path (`FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`),
+    and `sigmas` both in the pipeline config (`model_index.json`) and in `modular_model_index.json` (where the
+    released students carry it), so `from_pretrained` gives a pipeline that runs `len(sigmas)` steps at guidance 1.
+    `save_directory` must not exist or be empty. Returns it.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ..pipelines.text_to_video import Cosmos3TextToVideoPipeline
+
+    save_directory = os.fspath(save_directory)
+    if os.path.exists(save_directory) and (not os.path.isdir(save_directory) or os.listdir(save_directory)):
+        raise FileExistsError(f"{save_directory!r} exists and is not an empty folder; export into a new one.")
+    sigmas = [float(s) for s in sigmas]
+    student_pipeline = Cosmos3TextToVideoPipeline(
+        transformer=student, text_tokenizer=pipeline.text_tokenizer, vae=pipeline.vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, shift=1.0),
+        sound_tokenizer=getattr(pipeline, "sound_tokenizer", None),
+        default_use_system_prompt=pipeline.config.default_use_system_prompt, distilled_sigmas=sigmas,
+    )
+    tmp = save_directory.rstrip(os.sep) + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    student_pipeline.save_pretrained(tmp)
+    with open(os.path.join(tmp, "modular_model_index.json"), "w") as f:
+        json.dump({"is_distilled": True, "distilled_sigmas": sigmas}, f, indent=2)
+    if os.path.isdir(save_directory):
+        os.rmdir(save_directory)  # empty (checked above)
+    os.replace(tmp, save_directory)
+    return save_directory
