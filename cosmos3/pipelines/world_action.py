@@ -52,6 +52,8 @@ class ActionRequest:
         actions: `[T, raw_dim]` actions for forward dynamics (shorter: last one repeated; longer: truncated).
         resolution_tier: 256, 480, 704 or 720 (match the input's native resolution).
         view_point: the caption's framing (a key of `ACTION_VIEWPOINTS`).
+        action_dim: the unpadded action width; required for domains whose width depends on the dataset
+            (`libero`, `no_action`: e.g. a robot fine-tuned into the libero slot), otherwise the domain's own.
     """
 
     mode: str
@@ -62,15 +64,22 @@ class ActionRequest:
     actions: torch.Tensor | None = None
     resolution_tier: int = 480
     view_point: str = "ego_view"
+    action_dim: int | None = None
 
     def __post_init__(self):
         if self.mode not in ACTION_MODES:
             raise ValueError(f"`mode` must be one of {list(ACTION_MODES)}, got {self.mode!r}.")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"`chunk_size` must be an int >= 1, got {self.chunk_size!r}.")
-        if self.domain_name not in EMBODIMENT_TO_RAW_ACTION_DIM:
-            raise ValueError(f"Unknown `domain_name` {self.domain_name!r}; with a fixed action width: "
-                             f"{sorted(EMBODIMENT_TO_RAW_ACTION_DIM)}.")
+        if self.domain_name not in EMBODIMENT_TO_DOMAIN_ID:
+            raise ValueError(f"Unknown `domain_name` {self.domain_name!r}; valid: {sorted(EMBODIMENT_TO_DOMAIN_ID)}.")
+        fixed = EMBODIMENT_TO_RAW_ACTION_DIM.get(self.domain_name)
+        if self.action_dim is None and fixed is None:
+            raise ValueError(f"`domain_name` {self.domain_name!r} has no fixed action width: give `action_dim`.")
+        if self.action_dim is not None and (not isinstance(self.action_dim, int) or isinstance(self.action_dim, bool)
+                                            or self.action_dim < 1 or (fixed is not None and self.action_dim != fixed)):
+            valid = f"{fixed} (the domain's width)" if fixed is not None else "an int >= 1"
+            raise ValueError(f"`action_dim` must be {valid}, got {self.action_dim!r}.")
         if self.resolution_tier not in RESOLUTION_BINS:
             tiers = sorted(RESOLUTION_BINS)
             raise ValueError(f"`resolution_tier` must be one of {tiers}, got {self.resolution_tier!r}.")
@@ -80,7 +89,7 @@ class ActionRequest:
             raise ValueError("Give exactly one of `image` and `video`.")
         if self.mode == "inverse_dynamics" and self.video is None:
             raise ValueError("`mode='inverse_dynamics'` needs `video` (the clip whose actions are inferred).")
-        raw = EMBODIMENT_TO_RAW_ACTION_DIM[self.domain_name]
+        raw = self.raw_action_dim
         if self.mode == "forward_dynamics":
             a = self.actions
             if not isinstance(a, torch.Tensor) or a.ndim != 2 or a.shape[0] < 1 or a.shape[1] != raw:
@@ -92,7 +101,7 @@ class ActionRequest:
 
     @property
     def raw_action_dim(self) -> int:
-        return EMBODIMENT_TO_RAW_ACTION_DIM[self.domain_name]
+        return self.action_dim if self.action_dim is not None else EMBODIMENT_TO_RAW_ACTION_DIM[self.domain_name]
 
 
 def action_canvas(clip, tier: int, num_frames: int) -> tuple[torch.Tensor, int, int, int, int]:

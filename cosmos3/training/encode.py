@@ -46,7 +46,6 @@ from ..tokenizers.action import (
     EMBODIMENT_TO_RAW_ACTION_DIM,
     ActionNormalizer,
     get_embodiment,
-    raw_action_dim,
 )
 from ..tokenizers.text import ACTION_VIEWPOINTS, PromptSettings, _special_ids, encode_prompts, load_text_tokenizer
 from ..tokenizers.vision import Cosmos3VisionTokenizer, preprocess_image
@@ -271,7 +270,13 @@ class ExampleEncoder:
             if embodiment is None:
                 raise ValueError(f"Task {task!r} needs `embodiment` (the action domain); with a fixed action width: "
                                  f"{sorted(EMBODIMENT_TO_RAW_ACTION_DIM)}.")
-            self.raw_action_dim = raw_action_dim(embodiment)  # ValueError listing the valid names
+            fixed = get_embodiment(embodiment).raw_dim  # ValueError listing the valid names
+            if fixed is None:  # a domain whose width depends on the dataset (libero, no_action): the data's
+                if not isinstance(action_normalizer, ActionNormalizer) or action_normalizer.dim is None:
+                    raise ValueError(f"`embodiment` {embodiment!r} has no fixed action width; it is taken from "
+                                     "`action_normalizer` (fitted on the dataset), which is missing or unfitted.")
+                fixed = action_normalizer.dim
+            self.raw_action_dim = fixed
             self.domain_id = get_embodiment(embodiment).domain_id
             self.embodiment = embodiment
             if not _is_int(action_dim) or action_dim < 1:

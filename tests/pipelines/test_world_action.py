@@ -75,7 +75,9 @@ def test_batch_of_modes_equals_one_by_one(components):
     "kwargs,match",
     [
         (dict(mode="teleport"), "`mode` must be one of"),
-        (dict(domain_name="libero"), "Unknown `domain_name` 'libero'"),
+        (dict(domain_name="libero"), "'libero' has no fixed action width: give `action_dim`"),
+        (dict(domain_name="lybero"), "Unknown `domain_name` 'lybero'"),
+        (dict(action_dim=7), r"`action_dim` must be 10 \(the domain's width\)"),
         (dict(chunk_size=0), "`chunk_size` must be an int >= 1"),
         (dict(resolution_tier=300), "`resolution_tier` must be one of"),
         (dict(mode="forward_dynamics"), r"`actions` for forward dynamics must be a tensor \[T >= 1, 10\]"),
@@ -88,6 +90,15 @@ def test_invalid_requests(kwargs, match):
     fields = dict(mode="policy", chunk_size=8, domain_name="bridge_orig_lerobot", image=picture(0))
     with pytest.raises(ValueError, match=match):
         ActionRequest(**{**fields, **kwargs})
+
+
+def test_a_domain_without_a_fixed_width_takes_action_dim(components):
+    parts, _ = components
+    pipe = Cosmos3WorldActionPipeline(**parts)
+    request = ActionRequest(mode="policy", chunk_size=4, domain_name="libero", action_dim=7, image=picture(0),
+                            resolution_tier=256)
+    out = pipe("pick up the cup", request, generator=gen(0), **COMMON)
+    assert out.action[0].shape == (4, 7)
 
 
 @pytest.mark.parametrize("chunk", [5, 6])
