@@ -1,0 +1,273 @@
+"""`Cosmos3Policy`: a world-action checkpoint as a robot policy, with the interface LeRobot users know.
+
+    policy = Cosmos3Policy.from_pretrained("runs/pusht/pipeline")      # a pipeline folder + policy_config.json
+    policy.reset()
+    action = policy.select_action(observation)                          # one action; a chunk every n_action_steps
+    chunk = policy.predict_action_chunk(observation)                    # [chunk_size, action_dim]
+
+Observations are LeRobot-style dicts: `observation.images.<camera>` (uint8 `[H, W, 3]`, upright; the environment
+adapters make them so), `observation.state` (unused by the model; accepted), `task` (the instruction). Several
+cameras are tiled side by side into one frame, as the Cosmos 3 DROID policy and `ExampleEncoder` do. A list of
+observations (one per environment) is one batched pipeline call. openpi-style keys (`prompt`, `observation/image`,
+...) are accepted too, so the policy server can pass client observations through.
+
+Actions come out in the environment's units: the model's normalized actions are mapped back with the
+`action_normalizer.json` saved next to the checkpoint by `cosmos3 train` (the same statistics it trained with).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..tokenizers.action import EMBODIMENT_TO_DOMAIN_ID, EMBODIMENT_TO_RAW_ACTION_DIM, ActionNormalizer
+from ..tokenizers.text import ACTION_VIEWPOINTS
+
+CONFIG_NAME = "policy_config.json"
+NORMALIZER_NAME = "action_normalizer.json"
+IMAGE_PREFIX = "observation.images."
+
+
+@dataclass
+class PolicyConfig:
+    """How a checkpoint is run as a policy (saved as `policy_config.json` in the checkpoint folder).
+
+    Args:
+        embodiment: the action domain (`cosmos3.tokenizers.action`).
+        action_dim: unpadded action width (required for domains without a fixed one, e.g. libero).
+        cameras: the cameras tiled left to right (names after `observation.images.`); None: all, sorted.
+        chunk_size: actions predicted per call (the clip has chunk_size + 1 frames).
+        n_action_steps: actions of each chunk executed before predicting the next (LeRobot's meaning).
+        num_inference_steps, guidance_scale: the sampler (the released DROID policies: 4 steps).
+        resolution_tier: the canvas tier the model was trained at (256, 480, 704, 720).
+        view_point: the caption's framing; None: ego_view for one camera, concat_view for several.
+        fps: the control rate written into the prompt (the dataset's fps at training).
+    """
+
+    embodiment: str
+    action_dim: int | None = None
+    cameras: list[str] | None = None
+    chunk_size: int = 16
+    n_action_steps: int = 8
+    num_inference_steps: int = 30
+    guidance_scale: float = 1.0
+    resolution_tier: int = 256
+    view_point: str | None = None
+    fps: float = 10.0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.embodiment not in EMBODIMENT_TO_DOMAIN_ID:
+            raise ValueError(f"`embodiment` must be one of {sorted(EMBODIMENT_TO_DOMAIN_ID)}, got {self.embodiment!r}.")
+        fixed = EMBODIMENT_TO_RAW_ACTION_DIM.get(self.embodiment)
+        if self.action_dim is None:
+            if fixed is None:
+                raise ValueError(f"`embodiment` {self.embodiment!r} has no fixed action width: set `action_dim`.")
+            self.action_dim = fixed
+        for name in ("chunk_size", "n_action_steps", "num_inference_steps", "action_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+        if self.n_action_steps > self.chunk_size:
+            raise ValueError(f"`n_action_steps`={self.n_action_steps} exceeds `chunk_size`={self.chunk_size}.")
+        if self.view_point is not None and self.view_point not in ACTION_VIEWPOINTS:
+            raise ValueError(f"`view_point` must be one of {sorted(ACTION_VIEWPOINTS)} or None, got "
+                             f"{self.view_point!r}.")
+        if not (isinstance(self.fps, (int, float)) and self.fps > 0):
+            raise ValueError(f"`fps` must be > 0, got {self.fps!r}.")
+
+    @classmethod
+    def load(cls, folder: str) -> PolicyConfig:
+        path = os.path.join(folder, CONFIG_NAME)
+        with open(path) as f:
+            data = json.load(f)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown}; valid: {sorted(known)}.")
+        return cls(**data)
+
+    def save(self, folder: str) -> None:
+        path = os.path.join(folder, CONFIG_NAME)
+        with open(path + ".tmp", "w") as f:
+            json.dump(asdict(self), f, indent=2)
+        os.replace(path + ".tmp", path)
+
+
+def tile_frames(observation: dict, cameras: list[str] | None) -> np.ndarray:
+    """The observation's camera frames side by side (left to right in `cameras` order), one uint8 `[H, W, 3]`.
+    Cameras of another height are resized to the first one's, keeping their aspect."""
+    from PIL import Image
+
+    images = {k[len(IMAGE_PREFIX):]: v for k, v in observation.items() if k.startswith(IMAGE_PREFIX)}
+    if not images:
+        raise ValueError(f"The observation has no camera frames (keys starting with {IMAGE_PREFIX!r}); it has "
+                         f"{sorted(observation)}.")
+    names = cameras if cameras is not None else sorted(images)
+    missing = [n for n in names if n not in images]
+    if missing:
+        raise ValueError(f"The observation lacks cameras {missing}; it has {sorted(images)}.")
+    frames = []
+    for name in names:
+        frame = np.asarray(images[name])
+        if frame.ndim == 3 and frame.shape[0] == 3 and frame.shape[-1] != 3:  # CHW (openpi clients often send it)
+            frame = frame.transpose(1, 2, 0)
+        if frame.ndim != 3 or frame.shape[-1] != 3:
+            raise ValueError(f"Camera {name!r}: expected an [H, W, 3] image, got shape {frame.shape}.")
+        if frame.dtype != np.uint8:
+            if np.issubdtype(frame.dtype, np.floating) and frame.size and 0.0 <= frame.min() and frame.max() <= 1.0:
+                frame = (frame * 255.0 + 0.5).astype(np.uint8)  # [0, 1] floats, as LeRobot tensors are
+            else:
+                raise ValueError(f"Camera {name!r}: expected uint8 or floats in [0, 1], got {frame.dtype}.")
+        frames.append(frame)
+    height = frames[0].shape[0]
+    for i, frame in enumerate(frames):
+        if frame.shape[0] != height:
+            width = max(1, round(frame.shape[1] * height / frame.shape[0]))
+            frames[i] = np.asarray(Image.fromarray(frame).resize((width, height), Image.BICUBIC))
+    return np.concatenate(frames, axis=1)
+
+
+def _standardize(observation: Any) -> dict:
+    """LeRobot keys from LeRobot- or openpi-style observations."""
+    if not isinstance(observation, dict):
+        raise TypeError(f"An observation must be a dict, got {type(observation).__name__}.")
+    out = {}
+    for key, value in observation.items():
+        if not isinstance(key, str):
+            raise TypeError(f"Observation keys must be strings, got {key!r}.")
+        if key in ("prompt", "instruction", "language_instruction"):
+            out["task"] = value
+        elif key.startswith("observation/") and "image" in key:  # openpi: observation/image, observation/wrist_image
+            out[IMAGE_PREFIX + key.split("/", 1)[1]] = value
+        elif key == "observation/state":
+            out["observation.state"] = value
+        else:
+            out[key] = value
+    task = out.get("task")
+    if not isinstance(task, str) or not task.strip():
+        raise ValueError(f"The observation needs a non-empty instruction under `task` (or `prompt`), got {task!r}.")
+    return out
+
+
+class Cosmos3Policy:
+    """A `Cosmos3WorldActionPipeline` run as a closed-loop policy (see the module docstring).
+
+    Args:
+        pipeline: the world-action pipeline.
+        config: the `PolicyConfig`.
+        normalizer: maps model actions back to environment units (None: the model's actions as they are).
+        seed: seeds the sampler's generator; successive chunks draw fresh noise from it (`reset(seed)` reseeds).
+    """
+
+    def __init__(self, pipeline, config: PolicyConfig, normalizer: ActionNormalizer | None = None, seed: int = 0):
+        if normalizer is not None and normalizer.dim != config.action_dim:
+            raise ValueError(f"The action normalizer is {normalizer.dim} wide, the policy's actions "
+                             f"{config.action_dim}.")
+        if config.action_dim > pipeline.transformer.config.action_dim:
+            raise ValueError(f"`action_dim`={config.action_dim} exceeds the model's {pipeline.transformer.config.action_dim}.")
+        self.pipeline, self.config, self.normalizer = pipeline, config, normalizer
+        self.pipeline.set_progress_bar_config(disable=True)
+        self._seed = seed
+        self.reset(seed)
+
+    @classmethod
+    def from_pretrained(cls, folder: str, *, device: str | None = None, dtype: torch.dtype | None = None,
+                        seed: int = 0, **overrides) -> Cosmos3Policy:
+        """Load a pipeline folder with its `policy_config.json` (and `action_normalizer.json`, if present);
+        `overrides` replace config fields (e.g. `n_action_steps=4`)."""
+        from ..pipelines import Cosmos3WorldActionPipeline
+
+        if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+            raise FileNotFoundError(f"{folder!r} has no {CONFIG_NAME}: write one with PolicyConfig(...).save(folder) "
+                                    "(the embodiment, cameras and chunking the model was trained with).")
+        config = PolicyConfig.load(folder)
+        if overrides:
+            config = PolicyConfig(**{**asdict(config), **overrides})
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        pipeline = Cosmos3WorldActionPipeline.from_pretrained(folder, dtype=dtype).to(device)
+        path = os.path.join(folder, NORMALIZER_NAME)
+        normalizer = ActionNormalizer.load(path, expected_dim=config.action_dim) if os.path.isfile(path) else None
+        return cls(pipeline, config, normalizer, seed=seed)
+
+    @property
+    def metadata(self) -> dict:
+        """What a policy-server client learns on connect."""
+        c = self.config
+        return {"policy": "cosmos3", "embodiment": c.embodiment, "action_dim": c.action_dim, "cameras": c.cameras,
+                "chunk_size": c.chunk_size, "n_action_steps": c.n_action_steps, "fps": c.fps,
+                "num_inference_steps": c.num_inference_steps, "normalized_actions": self.normalizer is None}
+
+    def reset(self, seed: int | None = None, envs: list[int] | None = None) -> None:
+        """Clear the action queues (call at each episode start); optionally reseed the sampler. `envs`: clear only
+        these environments' queues (batched rollouts, where episodes end at different steps); no reseeding then."""
+        if envs is not None:
+            for i in envs:
+                self._queues.pop(i, None)
+            return
+        if seed is not None:
+            self._seed = seed
+        self._generator = torch.Generator().manual_seed(self._seed)
+        self._queues: dict[int, collections.deque] = {}
+
+    # ---------------------------------------------------------------------------------------------------- chunks
+
+    def predict_action_chunk(self, observation: dict | list[dict]) -> np.ndarray:
+        """The next `chunk_size` actions, `[chunk_size, action_dim]` (a list of observations: `[B, chunk, dim]`,
+        one batched model call)."""
+        from PIL import Image
+
+        from ..pipelines import ActionRequest
+
+        single = isinstance(observation, dict)
+        observations = [observation] if single else list(observation)
+        if not observations:
+            raise ValueError("`observation` is an empty list.")
+        c = self.config
+        observations = [_standardize(o) for o in observations]
+        requests, prompts = [], []
+        for obs in observations:
+            frame = tile_frames(obs, c.cameras)
+            view = c.view_point or ("ego_view" if len(c.cameras or [k for k in obs if k.startswith(IMAGE_PREFIX)]) == 1
+                                    else "concat_view")
+            requests.append(ActionRequest(mode="policy", chunk_size=c.chunk_size, domain_name=c.embodiment,
+                                          image=Image.fromarray(frame), resolution_tier=c.resolution_tier, view_point=view,
+                                          action_dim=c.action_dim if c.embodiment not in EMBODIMENT_TO_RAW_ACTION_DIM
+                                          else None))
+            prompts.append(obs["task"].strip())
+        # one generator per sample, drawn from the policy's stream: reproducible per episode seed, fresh per chunk
+        seeds = torch.randint(0, 2**62, (len(requests),), generator=self._generator).tolist()
+        out = self.pipeline(prompts, requests, fps=c.fps, num_inference_steps=c.num_inference_steps,
+                            guidance_scale=c.guidance_scale, output_type="latent",
+                            generator=[torch.Generator().manual_seed(s) for s in seeds])
+        chunks = []
+        for action in out.action:
+            action = action.float().cpu()
+            if self.normalizer is not None:
+                action = self.normalizer.denormalize(action)
+            chunks.append(action.numpy().astype(np.float32))
+        return chunks[0] if single else np.stack(chunks)
+
+    def select_action(self, observation: dict | list[dict]) -> np.ndarray:
+        """One action per environment: pops the queue, refilled with the first `n_action_steps` of a new chunk when
+        empty. For a list, environments whose queues are empty are predicted together in one batch."""
+        single = isinstance(observation, dict)
+        observations = [observation] if single else list(observation)
+        empty = [i for i in range(len(observations)) if not self._queues.get(i)]
+        if empty:
+            chunks = self.predict_action_chunk([observations[i] for i in empty])
+            for i, chunk in zip(empty, chunks):
+                self._queues[i] = collections.deque(chunk[: self.config.n_action_steps])
+        actions = [self._queues[i].popleft() for i in range(len(observations))]
+        return actions[0] if single else np.stack(actions)
+
+    def infer(self, observation: dict) -> dict:
+        """openpi's `BasePolicy.infer`: a whole chunk for one observation, `{"actions": [chunk, dim]}`."""
+        return {"actions": self.predict_action_chunk(observation)}

@@ -1,0 +1,88 @@
+"""Cosmos3Policy: LeRobot-style select_action / predict_action_chunk over a tiny world-action checkpoint."""
+
+import numpy as np
+import pytest
+
+from cosmos3.robotics.policy import Cosmos3Policy, PolicyConfig, tile_frames
+
+
+def observation(seed=0, task="push the T into the target"):
+    rng = np.random.default_rng(seed)
+    return {"observation.images.top": rng.integers(0, 255, (96, 96, 3), dtype=np.uint8),
+            "observation.state": rng.uniform(0, 512, 2).astype(np.float32), "task": task}
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_policy_folder):
+    return Cosmos3Policy.from_pretrained(str(tiny_policy_folder), device="cpu")
+
+
+def test_chunks_are_in_environment_units_and_reproducible(policy):
+    policy.reset(seed=5)
+    chunk = policy.predict_action_chunk(observation())
+    assert chunk.shape == (4, 2) and chunk.dtype == np.float32
+    # the normalizer maps [-1, 1] back to [0, 512]; the tiny random model's outputs land around that range
+    assert np.isfinite(chunk).all() and np.abs(chunk - 256).max() < 256 * 20
+    policy.reset(seed=5)
+    np.testing.assert_array_equal(policy.predict_action_chunk(observation()), chunk)
+    assert not np.array_equal(policy.predict_action_chunk(observation()), chunk)  # fresh noise per chunk
+
+
+def test_select_action_executes_n_action_steps_per_chunk(policy, monkeypatch):
+    policy.reset(seed=0)
+    calls = []
+    original = policy.predict_action_chunk
+
+    def counting(obs):
+        calls.append(len(obs) if isinstance(obs, list) else 1)
+        return original(obs)
+
+    monkeypatch.setattr(policy, "predict_action_chunk", counting)
+    actions = [policy.select_action(observation()) for _ in range(5)]
+    assert len(calls) == 3  # n_action_steps = 2: a chunk at steps 0, 2, 4
+    assert all(a.shape == (2,) for a in actions)
+
+
+def test_a_list_of_observations_is_one_batched_call_equal_to_single_calls(policy):
+    policy.reset(seed=1)
+    batch = policy.predict_action_chunk([observation(0), observation(1, task="push it left")])
+    assert batch.shape == (2, 4, 2)
+    policy.reset(seed=1)
+    again = policy.predict_action_chunk([observation(0), observation(1, task="push it left")])
+    np.testing.assert_array_equal(batch, again)
+    # queues per environment: resetting one environment only refills its own queue
+    policy.reset(seed=2)
+    first = policy.select_action([observation(0), observation(1)])
+    assert first.shape == (2, 2)
+    policy.reset(envs=[1])
+    assert len(policy._queues[0]) == 1 and 1 not in policy._queues
+
+
+def test_openpi_style_observations_and_infer(policy):
+    obs = {"observation/image": np.zeros((3, 64, 64), np.uint8), "observation/state": np.zeros(2, np.float32),
+           "prompt": "push the T"}
+    out = policy.infer(obs)
+    assert out["actions"].shape == (4, 2)
+    assert policy.metadata["embodiment"] == "pusht" and policy.metadata["chunk_size"] == 4
+
+
+def test_tiling_and_errors():
+    a = np.zeros((32, 40, 3), np.uint8)
+    b = np.full((64, 64, 3), 255, np.uint8)
+    tiled = tile_frames({"observation.images.a": a, "observation.images.b": b}, ["a", "b"])
+    assert tiled.shape == (32, 40 + 32, 3) and tiled[:, 40:].min() == 255
+    with pytest.raises(ValueError, match="lacks cameras"):
+        tile_frames({"observation.images.a": a}, ["a", "wrist"])
+    with pytest.raises(ValueError, match="no camera frames"):
+        tile_frames({"observation.state": np.zeros(2)}, None)
+    with pytest.raises(ValueError, match="expected an \\[H, W, 3\\] image"):
+        tile_frames({"observation.images.a": np.zeros((4, 4))}, None)
+    with pytest.raises(ValueError, match="non-empty instruction"):
+        from cosmos3.robotics.policy import _standardize
+
+        _standardize({"observation.images.a": a})
+    with pytest.raises(ValueError, match="`n_action_steps`=8 exceeds `chunk_size`=4"):
+        PolicyConfig(embodiment="pusht", chunk_size=4, n_action_steps=8)
+    with pytest.raises(ValueError, match="no fixed action width"):
+        PolicyConfig(embodiment="libero")
+    assert PolicyConfig(embodiment="libero", action_dim=7).action_dim == 7
