@@ -1,0 +1,1 @@
+"""Robotics: the policy API, environment adapters, rollouts, expert data collection, the policy server."""
