@@ -121,7 +121,7 @@ def tile_frames(observation: dict, cameras: list[str] | None) -> np.ndarray:
         if frame.ndim != 3 or frame.shape[-1] != 3:
             raise ValueError(f"Camera {name!r}: expected an [H, W, 3] image, got shape {frame.shape}.")
         if frame.dtype != np.uint8:
-            if np.issubdtype(frame.dtype, np.floating) and frame.size and 0.0 <= frame.min() and frame.max() <= 1.0:
+            if np.issubdtype(frame.dtype, np.floating) and frame.size and frame.min() >= 0.0 and frame.max() <= 1.0:
                 frame = (frame * 255.0 + 0.5).astype(np.uint8)  # [0, 1] floats, as LeRobot tensors are
             else:
                 raise ValueError(f"Camera {name!r}: expected uint8 or floats in [0, 1], got {frame.dtype}.")
@@ -171,7 +171,8 @@ class Cosmos3Policy:
             raise ValueError(f"The action normalizer is {normalizer.dim} wide, the policy's actions "
                              f"{config.action_dim}.")
         if config.action_dim > pipeline.transformer.config.action_dim:
-            raise ValueError(f"`action_dim`={config.action_dim} exceeds the model's {pipeline.transformer.config.action_dim}.")
+            model_dim = pipeline.transformer.config.action_dim
+            raise ValueError(f"`action_dim`={config.action_dim} exceeds the model's {model_dim}.")
         self.pipeline, self.config, self.normalizer = pipeline, config, normalizer
         self.pipeline.set_progress_bar_config(disable=True)
         self._seed = seed
@@ -233,14 +234,14 @@ class Cosmos3Policy:
         c = self.config
         observations = [_standardize(o) for o in observations]
         requests, prompts = [], []
+        width = c.action_dim if c.embodiment not in EMBODIMENT_TO_RAW_ACTION_DIM else None
         for obs in observations:
             frame = tile_frames(obs, c.cameras)
-            view = c.view_point or ("ego_view" if len(c.cameras or [k for k in obs if k.startswith(IMAGE_PREFIX)]) == 1
-                                    else "concat_view")
+            cameras = c.cameras or [k for k in obs if k.startswith(IMAGE_PREFIX)]
+            view = c.view_point or ("ego_view" if len(cameras) == 1 else "concat_view")
             requests.append(ActionRequest(mode="policy", chunk_size=c.chunk_size, domain_name=c.embodiment,
-                                          image=Image.fromarray(frame), resolution_tier=c.resolution_tier, view_point=view,
-                                          action_dim=c.action_dim if c.embodiment not in EMBODIMENT_TO_RAW_ACTION_DIM
-                                          else None))
+                                          image=Image.fromarray(frame), resolution_tier=c.resolution_tier,
+                                          view_point=view, action_dim=width))
             prompts.append(obs["task"].strip())
         # one generator per sample, drawn from the policy's stream: reproducible per episode seed, fresh per chunk
         seeds = torch.randint(0, 2**62, (len(requests),), generator=self._generator).tolist()
@@ -255,17 +256,21 @@ class Cosmos3Policy:
             chunks.append(action.numpy().astype(np.float32))
         return chunks[0] if single else np.stack(chunks)
 
-    def select_action(self, observation: dict | list[dict]) -> np.ndarray:
-        """One action per environment: pops the queue, refilled with the first `n_action_steps` of a new chunk when
-        empty. For a list, environments whose queues are empty are predicted together in one batch."""
+    def select_action(self, observation: dict | list[dict], env_ids: list[int] | None = None) -> np.ndarray:
+        """One action per environment: pops its queue, refilled with the first `n_action_steps` of a new chunk
+        when empty. For a list, environments whose queues are empty are predicted together in one batch; `env_ids`
+        names the environments (queue keys) of the list's entries (default: their positions)."""
         single = isinstance(observation, dict)
         observations = [observation] if single else list(observation)
-        empty = [i for i in range(len(observations)) if not self._queues.get(i)]
+        ids = list(range(len(observations))) if env_ids is None else list(env_ids)
+        if len(ids) != len(observations) or len(set(ids)) != len(ids):
+            raise ValueError(f"`env_ids` must be {len(observations)} distinct ids, got {env_ids!r}.")
+        empty = [k for k, i in enumerate(ids) if not self._queues.get(i)]
         if empty:
-            chunks = self.predict_action_chunk([observations[i] for i in empty])
-            for i, chunk in zip(empty, chunks):
-                self._queues[i] = collections.deque(chunk[: self.config.n_action_steps])
-        actions = [self._queues[i].popleft() for i in range(len(observations))]
+            chunks = self.predict_action_chunk([observations[k] for k in empty])
+            for k, chunk in zip(empty, chunks):
+                self._queues[ids[k]] = collections.deque(chunk[: self.config.n_action_steps])
+        actions = [self._queues[i].popleft() for i in ids]
         return actions[0] if single else np.stack(actions)
 
     def infer(self, observation: dict) -> dict:
