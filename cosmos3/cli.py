@@ -57,6 +57,18 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="the pipeline folder the run started from")
     e.add_argument("--out", required=True, help="the new pipeline folder")
     e.add_argument("--no-ema", action="store_true", help="export the trained weights instead of their EMA")
+    r = sub.add_parser("rollout", help="closed-loop evaluation of a policy in a simulator")
+    r.add_argument("--env", required=True, help="pusht, metaworld:<task>, aloha[:<task>]")
+    r.add_argument("--policy", required=True, help="a checkpoint folder with policy_config.json, or 'random'")
+    r.add_argument("--episodes", type=int, default=10)
+    r.add_argument("--seed", type=int, default=0, help="episode i runs with seed + i")
+    r.add_argument("--num-envs", type=int, default=1, help="environments stepped side by side")
+    r.add_argument("--max-steps", type=int, default=None, help="default: the environment's episode limit")
+    r.add_argument("--n-action-steps", type=int, default=None, help="actions executed per chunk (policy default)")
+    r.add_argument("--steps", type=int, default=None, help="denoising steps (policy default)")
+    r.add_argument("--videos", type=int, default=2, help="episodes to record as mp4")
+    r.add_argument("--out", required=True, help="folder for eval_info.json and videos")
+    r.add_argument("--device", default=None)
     return parser
 
 
@@ -156,6 +168,28 @@ def generate(args: argparse.Namespace) -> dict:
     return result
 
 
+def rollout(args: argparse.Namespace) -> dict:
+    from .robotics.envs import make_env
+    from .robotics.rollout import RandomPolicy
+    from .robotics.rollout import rollout as run
+
+    if args.policy == "random":
+        env = make_env(args.env)
+        low, high = env.action_low, env.action_high
+        env.close()
+        policy = RandomPolicy(low, high, seed=args.seed)
+    else:
+        from .robotics.policy import Cosmos3Policy
+
+        if not os.path.isdir(args.policy):
+            _fail(f"--policy {args.policy!r} is neither a folder nor 'random'")
+        overrides = {k: v for k, v in (("n_action_steps", args.n_action_steps), ("num_inference_steps", args.steps))
+                     if v is not None}
+        policy = Cosmos3Policy.from_pretrained(args.policy, device=args.device, seed=args.seed, **overrides)
+    return run(policy, args.env, args.episodes, seed=args.seed, num_envs=args.num_envs, max_steps=args.max_steps,
+               out_dir=args.out, videos=args.videos)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
@@ -169,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
             from .training import recipes
 
             recipes.distill(args.recipe)
+        elif args.command == "rollout":
+            print(json.dumps(rollout(args)["aggregated"]))
         elif args.command == "export":
             from .training.export import export_checkpoint
 
