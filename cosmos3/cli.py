@@ -69,6 +69,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--videos", type=int, default=2, help="episodes to record as mp4")
     r.add_argument("--out", required=True, help="folder for eval_info.json and videos")
     r.add_argument("--device", default=None)
+    try:
+        from .robotics.server import add_serve_arguments
+    except ImportError:  # the server's dependencies (websockets, msgpack) are not installed
+        add_serve_arguments = None
+    if add_serve_arguments is not None:
+        s = sub.add_parser("serve-policy", help="serve a policy over WebSocket (openpi protocol)")
+        add_serve_arguments(s)
+        s.add_argument("--device", default=None)
+        s.add_argument("--steps", type=int, default=None, help="denoising steps (policy default)")
     return parser
 
 
@@ -168,6 +177,15 @@ def generate(args: argparse.Namespace) -> dict:
     return result
 
 
+def _make_policy(path: str, args: argparse.Namespace):
+    from .robotics.policy import Cosmos3Policy
+
+    if not os.path.isdir(path):
+        _fail(f"--policy {path!r} is not a folder")
+    overrides = {"num_inference_steps": args.steps} if getattr(args, "steps", None) else {}
+    return Cosmos3Policy.from_pretrained(path, device=args.device, **overrides)
+
+
 def rollout(args: argparse.Namespace) -> dict:
     from .robotics.envs import make_env
     from .robotics.rollout import RandomPolicy
@@ -205,6 +223,10 @@ def main(argv: list[str] | None = None) -> None:
             recipes.distill(args.recipe)
         elif args.command == "rollout":
             print(json.dumps(rollout(args)["aggregated"]))
+        elif args.command == "serve-policy":
+            from .robotics.server import run_serve
+
+            run_serve(args, _make_policy)
         elif args.command == "export":
             from .training.export import export_checkpoint
 

@@ -101,21 +101,21 @@ class PolicyConfig:
 
 
 def tile_frames(observation: dict, cameras: list[str] | None) -> np.ndarray:
-    """The observation's camera frames side by side (left to right in `cameras` order), one uint8 `[H, W, 3]`.
-    Cameras of another height are resized to the first one's, keeping their aspect."""
-    from PIL import Image
+    """The observation's camera frames side by side (left to right in `cameras` order; None: the observation's
+    order), one uint8 `[H, W, 3]`, tiled exactly as `ExampleEncoder` tiles training clips."""
+    from ..training.encode import tile_cameras
 
-    images = {k[len(IMAGE_PREFIX):]: v for k, v in observation.items() if k.startswith(IMAGE_PREFIX)}
+    images = {k: v for k, v in observation.items() if k.startswith(IMAGE_PREFIX)}
     if not images:
         raise ValueError(f"The observation has no camera frames (keys starting with {IMAGE_PREFIX!r}); it has "
                          f"{sorted(observation)}.")
-    names = cameras if cameras is not None else sorted(images)
-    missing = [n for n in names if n not in images]
+    names = cameras if cameras is not None else [k[len(IMAGE_PREFIX):] for k in images]
+    missing = [n for n in names if IMAGE_PREFIX + n not in images]
     if missing:
-        raise ValueError(f"The observation lacks cameras {missing}; it has {sorted(images)}.")
-    frames = []
+        raise ValueError(f"The observation lacks cameras {missing}; it has {[k[len(IMAGE_PREFIX):] for k in images]}.")
+    clips = {}
     for name in names:
-        frame = np.asarray(images[name])
+        frame = np.asarray(images[IMAGE_PREFIX + name])
         if frame.ndim == 3 and frame.shape[0] == 3 and frame.shape[-1] != 3:  # CHW (openpi clients often send it)
             frame = frame.transpose(1, 2, 0)
         if frame.ndim != 3 or frame.shape[-1] != 3:
@@ -125,13 +125,8 @@ def tile_frames(observation: dict, cameras: list[str] | None) -> np.ndarray:
                 frame = (frame * 255.0 + 0.5).astype(np.uint8)  # [0, 1] floats, as LeRobot tensors are
             else:
                 raise ValueError(f"Camera {name!r}: expected uint8 or floats in [0, 1], got {frame.dtype}.")
-        frames.append(frame)
-    height = frames[0].shape[0]
-    for i, frame in enumerate(frames):
-        if frame.shape[0] != height:
-            width = max(1, round(frame.shape[1] * height / frame.shape[0]))
-            frames[i] = np.asarray(Image.fromarray(frame).resize((width, height), Image.BICUBIC))
-    return np.concatenate(frames, axis=1)
+        clips[IMAGE_PREFIX + name] = frame[None]
+    return tile_cameras(clips, None)[0]
 
 
 def _standardize(observation: Any) -> dict:

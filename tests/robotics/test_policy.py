@@ -86,3 +86,20 @@ def test_tiling_and_errors():
     with pytest.raises(ValueError, match="no fixed action width"):
         PolicyConfig(embodiment="libero")
     assert PolicyConfig(embodiment="libero", action_dim=7).action_dim == 7
+
+
+def test_served_over_the_openpi_protocol(policy):
+    """The real openpi-client drives a Cosmos3Policy through `cosmos3 serve-policy`'s server unchanged."""
+    pytest.importorskip("websockets")
+    client_module = pytest.importorskip("openpi_client.websocket_client_policy")
+    from cosmos3.robotics.server import PolicyServer
+
+    with PolicyServer(policy, port=0) as server:
+        client = client_module.WebsocketClientPolicy(host="127.0.0.1", port=server.port)
+        assert client.get_server_metadata()["embodiment"] == "pusht"
+        out = client.infer({"observation/image": np.zeros((64, 64, 3), np.uint8), "prompt": "push the T"})
+        assert out["actions"].shape == (4, 2) and out["actions"].dtype == np.float32
+        bad = client.infer({"observation/image": np.zeros((64, 64, 3), np.uint8)})  # no instruction
+        assert bad["type"] == "ValueError" and "instruction" in bad["error"]
+        again = client.infer({"observation/image": np.zeros((64, 64, 3), np.uint8), "prompt": "push the T"})
+        assert again["actions"].shape == (4, 2)
