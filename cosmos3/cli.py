@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--videos", type=int, default=2, help="episodes to record as mp4")
     r.add_argument("--out", required=True, help="folder for eval_info.json and videos")
     r.add_argument("--device", default=None)
+    c = sub.add_parser("collect", help="record successful scripted-expert episodes as a LeRobotDataset v3")
+    from .robotics.collect import add_collect_arguments
+
+    add_collect_arguments(c)
     try:
         from .robotics.server import add_serve_arguments
     except ImportError:  # the server's dependencies (websockets, msgpack) are not installed
@@ -223,6 +227,10 @@ def main(argv: list[str] | None = None) -> None:
             recipes.distill(args.recipe)
         elif args.command == "rollout":
             print(json.dumps(rollout(args)["aggregated"]))
+        elif args.command == "collect":
+            from .robotics.collect import run_collect
+
+            print(json.dumps(run_collect(args), default=str))
         elif args.command == "serve-policy":
             from .robotics.server import run_serve
 
@@ -232,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
 
             out = export_checkpoint(args.checkpoint, args.model, args.out, use_ema=not args.no_ema)
             print(json.dumps({"pipeline": out}))
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         _fail(str(e))
 
 

@@ -1,0 +1,269 @@
+"""Scripted-expert demonstrations into a LeRobotDataset v3 (only successful episodes are written).
+
+    summary = collect("metaworld:reach-v3", episodes=50, out_dir="data/reach", seed=0, image_size=128)
+    cosmos3 collect --env metaworld:reach-v3 --expert scripted --episodes 50 --out data/reach --seed 0
+
+Attempt k runs the expert from `reset(seed + k)` until the episode succeeds (kept) or is truncated (counted as a
+failure and dropped), until `episodes` are kept or `max_attempts` are spent. The dataset holds one video per
+camera, `observation.state`, `action` (the float32 action the environment applied, after its clipping rule),
+`next.reward`, `next.success` and `next.done` per frame, and the environment's instruction as the task. As in
+LeRobot, frame t holds the observation before `action[t]`; the observation after the last action is not stored.
+
+The episode seeds, the failed seeds and everything else in the returned summary are also written to
+`meta/collection.json`, so the dataset can be regenerated (the experts and the adapters' resets are
+deterministic). Files are written atomically by `LeRobotDatasetWriter`; if collection stops early (an error,
+Ctrl-C) the episodes saved so far are finalized into a valid dataset.
+
+Experts: `"scripted"` = MetaWorld's hand-written policy of the task (`metaworld.policies.ENV_POLICY_MAP`), which
+reads the privileged 39-d state. PushT and ALOHA have no scripted expert here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from ..training.datasets import LeRobotDatasetWriter
+from .envs import IMAGE_PREFIX, STATE_KEY, MetaWorldEnv, RobotEnv, make_env
+
+EXPERTS = ("scripted",)
+SUMMARY_PATH = os.path.join("meta", "collection.json")
+# Per-frame results of the step taken from the frame, as LeRobot records them.
+STEP_FEATURES = {
+    "next.reward": {"dtype": "float32", "shape": [1], "names": None},
+    "next.success": {"dtype": "bool", "shape": [1], "names": None},
+    "next.done": {"dtype": "bool", "shape": [1], "names": None},
+}
+
+
+def scripted_expert(env: RobotEnv) -> Callable[[dict[str, Any]], np.ndarray]:
+    """The scripted policy of `env`'s task: `expert(obs) -> action` (MetaWorld tasks only)."""
+    if not isinstance(env, MetaWorldEnv):
+        raise ValueError(f"There is no scripted expert for {env.name!r}: only MetaWorld tasks ship one "
+                         "(use `metaworld:<task>`).")
+    from metaworld.policies import ENV_POLICY_MAP
+
+    policy = ENV_POLICY_MAP[env.task_name]()
+
+    def expert(obs: dict[str, Any]) -> np.ndarray:
+        if env.full_state is None:
+            raise RuntimeError("The expert needs an episode: reset the environment first.")
+        with warnings.catch_warnings():  # it warns whenever an action exceeds [-1, 1]; the environment clips
+            warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high")
+            return np.asarray(policy.get_action(env.full_state), dtype=np.float32)
+
+    return expert
+
+
+def make_expert(env: RobotEnv, expert: str) -> Callable[[dict[str, Any]], np.ndarray]:
+    if expert not in EXPERTS:
+        raise ValueError(f"`expert` must be one of {list(EXPERTS)}, got {expert!r}.")
+    return scripted_expert(env)
+
+
+def run_episode(
+    env: RobotEnv, policy: Callable[[dict[str, Any]], np.ndarray], seed: int
+) -> tuple[dict[str, np.ndarray], bool]:
+    """One episode from `reset(seed)`: per-frame arrays keyed like the dataset's features, and its success."""
+    obs = env.reset(seed)
+    frames: dict[str, list] = {key: [] for key in (*env.features, *STEP_FEATURES)}
+    while True:
+        for camera in env.cameras:
+            frames[IMAGE_PREFIX + camera].append(obs[IMAGE_PREFIX + camera])
+        frames[STATE_KEY].append(obs[STATE_KEY])
+        obs, reward, terminated, truncated, info = env.step(policy(obs))
+        frames["action"].append(info["action"])
+        frames["next.reward"].append([reward])
+        frames["next.success"].append([info["is_success"]])
+        frames["next.done"].append([terminated or truncated])
+        if terminated or truncated:
+            break
+    return {key: np.stack(values) for key, values in frames.items()}, bool(terminated)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+    return value
+
+
+def collect(
+    env_spec: str,
+    episodes: int,
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    expert: str = "scripted",
+    max_attempts: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    progress: bool = True,
+    *,
+    env_options: dict[str, Any] | None = None,
+    video_codec: str | None = None,
+) -> dict[str, Any]:
+    """Run `expert` in `env_spec` and write its first `episodes` successful episodes to `out_dir` (new or empty).
+
+    Args:
+        env_spec: A `make_env` spec, e.g. `"metaworld:reach-v3"`.
+        episodes: Successful episodes to keep.
+        out_dir: The dataset directory.
+        seed: Attempt k resets with `seed + k`.
+        expert: `"scripted"` (see the module docstring).
+        max_attempts: Episodes to try at most (default `max(2 * episodes, episodes + 10)`).
+        image_size: Camera image size, an int or (height, width) (even numbers: the videos are yuv420p);
+            None: the environment's default.
+        progress: One line per attempt on stderr.
+        env_options: More `make_env` options (e.g. `{"render_quality": "fast"}`).
+        video_codec: Passed to the writer (default H.264).
+
+    Returns the summary also written to `meta/collection.json`: counts (`episodes`, `attempts`,
+    `failed_attempts`, `frames`), `seeds` / `failed_seeds`, `episode_lengths`, `complete` (False when
+    `max_attempts` ran out first), the environment's task, fps, embodiment and conventions. Raises
+    RuntimeError (and writes nothing) when no attempt succeeds.
+    """
+    episodes = _check_int("episodes", episodes, 1)
+    seed = _check_int("seed", seed, 0)
+    max_attempts = max(2 * episodes, episodes + 10) if max_attempts is None else max_attempts
+    max_attempts = _check_int("max_attempts", max_attempts, episodes)
+    if expert not in EXPERTS:
+        raise ValueError(f"`expert` must be one of {list(EXPERTS)}, got {expert!r}.")
+    out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise FileExistsError(f"`out_dir` {out_dir!r} exists and is not an empty directory.")
+    created = not os.path.exists(out_dir)
+    options = dict(env_options or {})
+    if image_size is not None:
+        options["image_size"] = image_size
+
+    start = time.monotonic()
+    with make_env(env_spec, **options) as env:
+        policy = make_expert(env, expert)
+        features = {**env.features, **STEP_FEATURES}
+        writer = LeRobotDatasetWriter(out_dir, fps=env.fps, features=features, robot_type=env.robot_type,
+                                      video_codec=video_codec)
+        seeds: list[int] = []
+        failed: list[int] = []
+        lengths: list[int] = []
+        try:
+            with writer:  # on an error, the episodes saved so far are finalized
+                for attempt in range(max_attempts):
+                    if len(seeds) == episodes:
+                        break
+                    episode_seed = seed + attempt
+                    data, success = run_episode(env, policy, episode_seed)
+                    length = len(data["action"])
+                    if success:
+                        cameras = {IMAGE_PREFIX + c: data[IMAGE_PREFIX + c] for c in env.cameras}
+                        extra = {key: data[key] for key in STEP_FEATURES}
+                        writer.add_episode(cameras, actions=data["action"], state=data[STATE_KEY], task=env.task,
+                                           extra=extra)
+                        seeds.append(episode_seed)
+                        lengths.append(length)
+                    else:
+                        failed.append(episode_seed)
+                    if progress:
+                        print(f"[collect] {env.name} attempt {attempt + 1}/{max_attempts} seed {episode_seed}: "
+                              f"{'success' if success else 'failure'} after {length} steps "
+                              f"({len(seeds)}/{episodes} kept)", file=sys.stderr, flush=True)
+                if not seeds:
+                    raise RuntimeError(f"None of the {len(failed)} attempts in {env.name} succeeded; nothing was "
+                                       "written.")
+        except BaseException:
+            if not seeds and created:
+                with contextlib.suppress(OSError):
+                    os.rmdir(out_dir)
+            raise
+        summary = {
+            "env": env.name, "expert": expert, "out_dir": out_dir, "requested": episodes, "episodes": len(seeds),
+            "attempts": len(seeds) + len(failed), "failed_attempts": len(failed), "complete": len(seeds) == episodes,
+            "frames": int(sum(lengths)), "seeds": seeds, "failed_seeds": failed, "episode_lengths": lengths,
+            "success_rate": len(seeds) / (len(seeds) + len(failed)), "task": env.task, "fps": env.fps,
+            "embodiment": env.embodiment, "robot_type": env.robot_type, "cameras": list(env.cameras),
+            "image_size": list(env.image_size), "conventions": asdict(env.conventions),
+            "max_episode_steps": env.max_episode_steps, "seconds": round(time.monotonic() - start, 3),
+        }  # fmt: skip
+    path = os.path.join(out_dir, SUMMARY_PATH)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=4)
+        f.write("\n")
+    os.replace(tmp, path)
+    if not summary["complete"]:
+        warnings.warn(f"Only {len(seeds)} of {episodes} episodes succeeded in {max_attempts} attempts "
+                      f"({out_dir} holds those).", RuntimeWarning, stacklevel=2)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+
+
+def _image_size_arg(text: str) -> int | tuple[int, int]:
+    """`"128"` -> 128, `"120x160"` -> (120, 160) (height x width)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts, default=0) < 1:
+        raise argparse.ArgumentTypeError(f"expected SIZE or HEIGHTxWIDTH, got {text!r}")
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
+def _env_option_arg(text: str) -> tuple[str, Any]:
+    """`KEY=VALUE`, the value read as JSON when it parses (`render_quality=fast`, `cameras=["corner2"]`)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def add_collect_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `cosmos3 collect` options (for a subparser)."""
+    parser.add_argument("--env", required=True, help="pusht | metaworld:<task> (e.g. metaworld:reach-v3) | "
+                        "aloha[:AlohaInsertion-v0|AlohaTransferCube-v0]")
+    parser.add_argument("--expert", default="scripted", choices=EXPERTS)
+    parser.add_argument("--episodes", type=int, required=True, help="successful episodes to keep")
+    parser.add_argument("--out", required=True, help="dataset directory (new or empty)")
+    parser.add_argument("--seed", type=int, default=0, help="attempt k resets with seed + k")
+    parser.add_argument("--max-attempts", type=int, default=None, help="default: max(2 * episodes, episodes + 10)")
+    parser.add_argument("--image-size", type=_image_size_arg, default=None, help="SIZE or HEIGHTxWIDTH (even)")
+    parser.add_argument("--env-option", type=_env_option_arg, action="append", default=[], metavar="KEY=VALUE",
+                        help="an environment option, VALUE as JSON if it parses (repeatable), e.g. "
+                        "render_quality=fast")
+    parser.add_argument("--quiet", action="store_true", help="no per-attempt progress lines")
+    return parser
+
+
+def run_collect(args: argparse.Namespace) -> dict[str, Any]:
+    """Run `collect` with parsed `add_collect_arguments` options; returns the summary."""
+    return collect(args.env, args.episodes, args.out, seed=args.seed, expert=args.expert,
+                   max_attempts=args.max_attempts, image_size=args.image_size, progress=not args.quiet,
+                   env_options=dict(args.env_option))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cosmos3.robotics.collect ...`: prints the summary as JSON; exit status 1 if incomplete."""
+    parser = add_collect_arguments(argparse.ArgumentParser(prog="cosmos3 collect", description=__doc__,
+                                                           formatter_class=argparse.RawDescriptionHelpFormatter))
+    args = parser.parse_args(argv)
+    try:
+        summary = run_collect(args)
+    except (ValueError, TypeError, OSError, RuntimeError) as e:
+        parser.exit(2, f"cosmos3 collect: error: {e}\n")
+    print(json.dumps(summary))
+    return 0 if summary["complete"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
