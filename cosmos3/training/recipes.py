@@ -51,6 +51,19 @@ def _encoder(recipe: Recipe, dataset) -> tuple[ExampleEncoder, object | None]:
     return ExampleEncoder.from_pretrained(recipe.model, **options), normalizer
 
 
+def _policy_config(encoder: ExampleEncoder, dataset):
+    """How to run the trained world-action model as a policy: what it was trained on (`policy_config.json`)."""
+    from ..robotics.policy import IMAGE_PREFIX, PolicyConfig
+
+    cameras = encoder.cameras or list(getattr(dataset, "camera_keys", []) or []) or None
+    if cameras is not None:
+        cameras = [c[len(IMAGE_PREFIX):] if c.startswith(IMAGE_PREFIX) else c for c in cameras]
+    chunk = encoder.num_frames - 1
+    return PolicyConfig(embodiment=encoder.embodiment, action_dim=encoder.raw_action_dim, cameras=cameras,
+                        chunk_size=chunk, n_action_steps=min(8, chunk), resolution_tier=encoder.resolution_tier,
+                        view_point=encoder.view_point, fps=float(encoder.fps or dataset.fps))
+
+
 def read_train_recipe(path: str) -> Recipe:
     recipe = load_recipe(path, {"data": None, "encode": ExampleEncoder, "train": TrainConfig},
                          exclude={"encode": ENCODER_SET_BY_COMMAND})
@@ -83,6 +96,7 @@ def train(path: str) -> str | None:
             out = export_pipeline(recipe.model, state, os.path.join(config.output_dir, "pipeline"))
             if normalizer is not None:
                 normalizer.save(os.path.join(out, "action_normalizer.json"))
+                _policy_config(encoder, dataset).save(out)
             log({"event": "exported", "path": out, "bad_samples": trainer.bad_samples,
                  "skipped_steps": trainer.skipped_steps})
     _finish()

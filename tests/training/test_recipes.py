@@ -120,7 +120,14 @@ def test_policy_recipe_on_lerobot_data_saves_the_normalizer(tmp_path, base, robo
     main(["train", recipe])
     folder = tmp_path / "run" / "pipeline"
     assert (folder / "action_normalizer.json").exists()
-    Cosmos3WorldActionPipeline.from_pretrained(str(folder))
+    from cosmos3.robotics.policy import Cosmos3Policy
+
+    policy = Cosmos3Policy.from_pretrained(str(folder), device="cpu", num_inference_steps=2)
+    assert policy.config.embodiment == "bridge_orig_lerobot" and policy.config.cameras == ["front"]
+    assert policy.config.chunk_size == 4 and policy.config.fps == 10.0
+    frame = np.zeros((32, 32, 3), np.uint8)
+    chunk = policy.predict_action_chunk({"observation.images.front": frame, "task": "push block 0"})
+    assert chunk.shape == (4, 10) and np.isfinite(chunk).all()
 
 
 @pytest.mark.parametrize(
