@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .config import ConfigError, Recipe, load_recipe, split_data_table
+from .config import ConfigError, Recipe, check_table, load_recipe, split_data_table
 from .encode import WORLD_ACTION_TASKS, ExampleEncoder, normalizer_from_stats
 from .logs import RunLogger
 from .parallel import init_distributed
@@ -31,24 +31,81 @@ def _load_transformer(folder: str, device: torch.device):
     return Cosmos3Transformer.from_pretrained(path, dtype=torch.float32).to(device)
 
 
-def _dataset(recipe: Recipe):
+class _Sources(torch.utils.data.Dataset):
+    """Several datasets, each with its own encoder, as one dataset of `Example`s. Encoding happens in `[i]`, so it
+    runs in the loader's worker processes, and a sample that fails is skipped like a decoding failure."""
+
+    def __init__(self, parts: list[tuple[object, ExampleEncoder]]):
+        self.parts = parts
+        self.offsets = [0]
+        for dataset, _ in parts:
+            self.offsets.append(self.offsets[-1] + len(dataset))
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        import bisect
+
+        part = bisect.bisect_right(self.offsets, index) - 1
+        return part, index - self.offsets[part]
+
+    def __getitem__(self, index: int):
+        part, local = self._locate(index)
+        dataset, encoder = self.parts[part]
+        return encoder(dataset[local])
+
+    def sample_path(self, index: int) -> str | None:
+        part, local = self._locate(index)
+        path = getattr(self.parts[part][0], "sample_path", None)
+        return path(local) if path is not None else None
+
+
+def _sources_of(path: str, raw: dict) -> list[dict]:
+    """The recipe's data sources: `[[sources]]` tables (each with its data arguments and an `encode` sub-table), or
+    the single-source form `[data]` + `[encode]`. Each is checked against its dataset class and the encoder."""
+    if "sources" in raw:
+        if "data" in raw or "encode" in raw:
+            raise ConfigError(f"{path}: give either [[sources]] or [data] + [encode], not both.")
+        entries = raw["sources"]
+        if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+            raise ConfigError(f"{path}: `sources` must be one or more [[sources]] tables.")
+    else:
+        for table in ("data", "encode"):
+            if table not in raw:
+                raise ConfigError(f"{path}: the table [{table}] is missing (or use [[sources]]).")
+        entries = [{**raw["data"], "encode": raw["encode"]}]
+    out = []
+    for number, entry in enumerate(entries):
+        entry = dict(entry)
+        encode = entry.pop("encode", None)
+        where = f"sources[{number}]" if "sources" in raw else "data"
+        if not isinstance(encode, dict):
+            raise ConfigError(f"{path}: [{where}] needs an `encode` table ([{where}.encode] / [encode]).")
+        kind, data = split_data_table(path, entry)
+        check_table(path, f"{where}.encode" if "sources" in raw else "encode", encode, ExampleEncoder,
+                    exclude=ENCODER_SET_BY_COMMAND)
+        out.append({"format": kind, "data": data, "encode": encode})
+    world = [s for s in out if s["encode"].get("task") in WORLD_ACTION_TASKS]
+    if len(world) > 1:
+        raise ConfigError(f"{path}: {len(world)} world-action sources; one embodiment (one normalizer) per run.")
+    return out
+
+
+def _build_source(recipe: Recipe, source: dict):
     from .datasets import FolderDataset, LeRobotDataset
 
-    kind, kwargs = split_data_table(recipe.path, recipe.tables["data"])
-    return (LeRobotDataset if kind == "lerobot" else FolderDataset)(**kwargs)
-
-
-def _encoder(recipe: Recipe, dataset) -> tuple[ExampleEncoder, object | None]:
-    options = dict(recipe.tables["encode"])
+    dataset = (LeRobotDataset if source["format"] == "lerobot" else FolderDataset)(**source["data"])
+    options = dict(source["encode"])
     normalizer = None
     if options.get("task") in WORLD_ACTION_TASKS:
         stats = getattr(dataset, "stats", None)
         if not stats:
-            raise ValueError(f"{recipe.path}: task {options['task']!r} needs action statistics; [data] must be a "
+            raise ValueError(f"{recipe.path}: task {options['task']!r} needs action statistics; its data must be a "
                              "LeRobot dataset with meta/stats.json.")
         normalizer = normalizer_from_stats(stats, embodiment=options.get("embodiment"))
         options["action_normalizer"] = normalizer
-    return ExampleEncoder.from_pretrained(recipe.model, **options), normalizer
+    return dataset, ExampleEncoder.from_pretrained(recipe.model, **options), normalizer
 
 
 def _policy_config(encoder: ExampleEncoder, dataset):
@@ -65,9 +122,16 @@ def _policy_config(encoder: ExampleEncoder, dataset):
 
 
 def read_train_recipe(path: str) -> Recipe:
-    recipe = load_recipe(path, {"data": None, "encode": ExampleEncoder, "train": TrainConfig},
-                         exclude={"encode": ENCODER_SET_BY_COMMAND})
-    split_data_table(path, recipe.tables["data"])
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        raw = {}  # load_recipe reports these
+    tables = {"sources": None} if "sources" in raw else {"data": None, "encode": None}
+    recipe = load_recipe(path, {**tables, "train": TrainConfig})
+    recipe.tables["sources"] = _sources_of(path, {k: recipe.tables[k] for k in tables})
     try:  # value checks (ranges, choices) before anything loads
         TrainConfig(**recipe.tables["train"])
     except ValueError as e:
@@ -82,21 +146,22 @@ def train(path: str) -> str | None:
     recipe = read_train_recipe(path)
     config = TrainConfig(**recipe.tables["train"])
     info = init_distributed(recipe.device)
-    dataset = _dataset(recipe)
-    encoder, normalizer = _encoder(recipe, dataset)
+    built = [_build_source(recipe, source) for source in recipe.tables["sources"]]
+    dataset = _Sources([(d, e) for d, e, _ in built])
     model = _load_transformer(recipe.model, info.device)
     with RunLogger(config.output_dir, config.max_steps, tensorboard=recipe.log_tensorboard) as log:
-        log({"event": "start", "recipe": os.path.abspath(path), "examples": len(dataset), "ranks": info.world_size,
-             "device": str(info.device)})
-        trainer = Trainer(model, dataset, config, log=log, transform=encoder)
+        log({"event": "start", "recipe": os.path.abspath(path), "examples": len(dataset),
+             "sources": [len(d) for d, _, _ in built], "ranks": info.world_size, "device": str(info.device)})
+        trainer = Trainer(model, dataset, config, log=log)
         trainer.train()
         state = trainer.full_state_dict(use_ema=True)
         out = None
         if info.is_main:
             out = export_pipeline(recipe.model, state, os.path.join(config.output_dir, "pipeline"))
-            if normalizer is not None:
-                normalizer.save(os.path.join(out, "action_normalizer.json"))
-                _policy_config(encoder, dataset).save(out)
+            for source_data, encoder, normalizer in built:
+                if normalizer is not None:
+                    normalizer.save(os.path.join(out, "action_normalizer.json"))
+                    _policy_config(encoder, source_data).save(out)
             log({"event": "exported", "path": out, "bad_samples": trainer.bad_samples,
                  "skipped_steps": trainer.skipped_steps})
     _finish()

@@ -167,3 +167,43 @@ def test_cli_reports_recipe_errors_without_a_traceback(tmp_path, capsys):
         main(["train", path])
     assert e.value.code == 2
     assert "unknown key(s) ['bogus'] in [train]" in capsys.readouterr().err
+
+
+def write_sources_recipe(path, model, sources, train):
+    lines = [f"model = {json.dumps(model)}", 'device = "cpu"', "log_tensorboard = false"]
+    for source in sources:
+        lines.append("[[sources]]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in source.items() if k != "encode"]
+        lines.append("[sources.encode]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in source["encode"].items()]
+    lines.append("[train]")
+    lines += [f"{k} = {json.dumps(v)}" for k, v in train.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_several_sources_train_together(tmp_path, base, folder_data, robot_data):
+    sources = [
+        {"format": "folder", "root": str(folder_data), "encode": {"task": "t2v", "height": 32, "width": 32,
+                                                                   "num_frames": 5}},
+        {"format": "lerobot", "root": str(robot_data), "clip_frames": 5,
+         "encode": {"task": "policy", "embodiment": "bridge_orig_lerobot", "num_frames": 5, "resolution_tier": 256}},
+    ]
+    recipe = write_sources_recipe(tmp_path / "mix.toml", str(base), sources,
+                                  {"output_dir": str(tmp_path / "run"), "max_steps": 2, "batch_size": 4,
+                                   "save_every": 2})
+    main(["train", recipe])
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    start = next(r for r in lines if r.get("event") == "start")
+    assert start["sources"] == [4, 6] and start["examples"] == 10  # 3 episodes x 2 clips of 5 frames
+    steps = [r for r in lines if "loss" in r]
+    assert len(steps) == 2 and any("loss_action" in r for r in steps) and all("loss_vision" in r for r in steps)
+    assert (tmp_path / "run" / "pipeline" / "policy_config.json").exists()
+    two_robots = write_sources_recipe(tmp_path / "bad.toml", str(base), [sources[1], sources[1]],
+                                      {"output_dir": "x"})
+    with pytest.raises(ConfigError, match="2 world-action sources"):
+        read_train_recipe(two_robots)
+    mixed_forms = tmp_path / "both.toml"
+    mixed_forms.write_text((tmp_path / "bad.toml").read_text() + '[data]\nformat = "folder"\nroot = "d"\n')
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) or table\(s\) \['data'\]"):
+        read_train_recipe(str(mixed_forms))
