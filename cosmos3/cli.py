@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--videos", type=int, default=2, help="episodes to record as mp4")
     r.add_argument("--out", required=True, help="folder for eval_info.json and videos")
     r.add_argument("--device", default=None)
+    from .demo import add_demo_arguments
+
+    dm = sub.add_parser("demo", help="serve the browser demo on 127.0.0.1 (needs the `demo` extra)")
+    add_demo_arguments(dm)
     c = sub.add_parser("collect", help="record successful scripted-expert episodes as a LeRobotDataset v3")
     from .robotics.collect import add_collect_arguments
 
@@ -227,6 +231,13 @@ def main(argv: list[str] | None = None) -> None:
             recipes.distill(args.recipe)
         elif args.command == "rollout":
             print(json.dumps(rollout(args)["aggregated"]))
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            try:
+                run_demo(args)
+            except ImportError as e:  # gradio missing: the message says `pip install 'cosmos3[demo]'`
+                _fail(str(e))
         elif args.command == "collect":
             from .robotics.collect import run_collect
 

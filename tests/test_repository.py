@@ -12,3 +12,15 @@ def test_ci_runs_the_readme_commands():
     ci = [line for line in lines if line and not line.startswith(("#", "set ", "cd "))]
     assert ci == blocks
     assert "torch==2.13.0" in blocks[0] and blocks[0].index("torch==2.13.0") < blocks[0].index("-e")
+
+
+def test_shipped_recipes_are_valid():
+    """configs/*.toml pass the same up-front validation `cosmos3 train` runs (keys, types, values)."""
+    import glob
+
+    from cosmos3.training.recipes import read_train_recipe
+
+    recipes = sorted(glob.glob(str(ROOT / "configs" / "*.toml")))
+    assert recipes
+    for path in recipes:
+        read_train_recipe(path)
