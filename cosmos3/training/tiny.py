@@ -1,0 +1,84 @@
+"""Cosmos3-Tiny: the architecture and the untrained starting folder of the small model cosmos3 trains and ships.
+
+The published checkpoints are 16B-64B; Cosmos3-Tiny keeps their folder layout (transformer with both towers and
+action heads, `AutoencoderKLWan`, BPE tokenizer with the chat template, scheduler) at a size that trains on a CPU:
+
+* transformer: hidden 256, 6 layers, 4 heads of 64 (2 KV heads), MLP 768, vocabulary 1024, action heads (64-wide,
+  32 domains), no sound; 11.2 M parameters (about 21 MiB in bfloat16);
+* VAE: `cosmos3.training.vae.TINY_VAE_CONFIG` (16 latent channels, 16x spatial / 4x temporal), trained first;
+* tokenizer: byte-level BPE trained on the texts the model will see: synthetic scene captions, MetaWorld
+  instructions, the action captions and the pipelines' prompt templates.
+
+`build_base(out_dir, vae_dir)` writes the starting folder (random transformer, the trained VAE, the tokenizer, the
+scheduler) that `configs/tiny.toml` fine-tunes; the recipe's README section lists every step.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+TINY_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=64, vocab_size=1024, rope_axes_dim=[12, 10, 10], rope_theta=10000.0, action_gen=True, action_dim=64,
+    num_embodiment_domains=32, sound_gen=False,
+)  # fmt: skip
+TOKENIZER_VOCAB = 1024
+
+
+def tokenizer_corpus(n_captions: int = 2000, seed: int = 0) -> list[str]:
+    """Texts the tiny tokenizer is trained on: what the pipelines will feed it."""
+    import numpy as np
+
+    from ..robotics.envs import METAWORLD_INSTRUCTIONS
+    from ..tokenizers.text import ACTION_VIEWPOINTS, PromptSettings, action_caption, prompt_texts
+    from .synthetic import caption, sample_scene
+
+    rng = np.random.default_rng(seed)
+    texts = []
+    for i in range(n_captions):
+        scene = sample_scene(rng, video=bool(i % 2), heldout=False)  # held-out captions stay unseen
+        texts.append(caption(scene["attributes"], template=scene["template"]))
+    instructions = list(METAWORLD_INSTRUCTIONS.values())
+    texts += instructions
+    for i, instruction in enumerate(instructions):
+        view = list(ACTION_VIEWPOINTS)[i % len(ACTION_VIEWPOINTS)]
+        texts.append(action_caption(instruction, view_point=view, num_frames=17, fps=80.0, height=64, width=64))
+    for frames, size in ((1, 64), (9, 64), (17, 128)):
+        settings = PromptSettings(num_frames=frames, height=size, width=size, fps=8.0)
+        texts += list(prompt_texts(texts[0], None, settings))
+    return texts
+
+
+def build_tokenizer(seed: int = 0):
+    from ..tokenizers.text import build_tiny_tokenizer
+
+    return build_tiny_tokenizer(TOKENIZER_VOCAB, tokenizer_corpus(seed=seed))
+
+
+def build_base(out_dir: str, vae_dir: str, seed: int = 0) -> str:
+    """Write the untrained Cosmos3-Tiny pipeline folder (random transformer, the trained VAE at `vae_dir`, a freshly
+    trained tokenizer, the flow scheduler); atomically. Returns `out_dir`."""
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+
+    from ..models.transformer_cosmos3 import Cosmos3Transformer
+    from ..pipelines import Cosmos3WorldActionPipeline
+
+    vae = AutoencoderKLWan.from_pretrained(vae_dir)
+    tokenizer = build_tokenizer(seed)
+    z = int(vae.config.z_dim)
+    torch.manual_seed(seed)
+    model = Cosmos3Transformer(**TINY_TRANSFORMER_CONFIG, latent_channel=z, patch_latent_dim=z * 4)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(f"The tokenizer has {len(tokenizer)} tokens, over the model's {model.config.vocab_size}.")
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = Cosmos3WorldActionPipeline(transformer=model, text_tokenizer=tokenizer, vae=vae, scheduler=scheduler,
+                                      default_use_system_prompt=False)
+    tmp = out_dir.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir

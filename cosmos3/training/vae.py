@@ -1,0 +1,571 @@
+"""Train a small Wan 2.2-layout `diffusers.AutoencoderKLWan` on CPU, so a tiny Cosmos 3 decodes pictures, not noise.
+
+    vae = make_vae()                                              # TINY_VAE_CONFIG, seeded init
+    trainer = VAETrainer(vae, "data/shapes", {"output_dir": "runs/vae", "max_steps": 3000})
+    trainer.train()                                               # resumes from runs/vae/checkpoint-* if any
+    trainer.export("models/tiny/vae")                             # latents_mean/std measured, save_pretrained
+    evaluate_vae(vae, images, clips)                              # PSNR (dB) of encode -> decode round trips
+
+    python -m cosmos3.training.vae --data data/shapes --output-dir runs/vae --export models/tiny/vae \
+        --max-minutes 15 --max-steps 4000
+
+Notable choices:
+
+* **The pipelines' layout**: `patch_size=2`, `is_residual=True`, 16x spatial and 4x temporal compression like
+  `cosmos3.testing.make_tiny_vae` (and Wan 2.2), wider channels so flat synthetic scenes survive the round trip,
+  small enough (~1M parameters, ~4 MB of safetensors) to train in minutes on two CPU cores.
+* **Causal video VAE, images are 1-frame clips**: a step is either a batch of images (`T = 1`) or of clips
+  (`T = 1 + 4k`), every `video_every`-th step. The encoder and decoder run chunk by chunk (1 frame, then 4) with
+  a causal cache local to the call, exactly as `AutoencoderKLWan.encode` / `decode` do, but without the decoder's
+  final clamp to [-1, 1]: a clamped output has zero gradient, so a pixel pushed past the range could never come
+  back. `tests/training/test_vae.py` checks these equal the diffusers calls.
+* **Loss**: L1 + `edge_weight` * L1 of the spatial finite differences (sharp shape borders matter more to
+  the scorer, and to PSNR, than flat areas) + `kl_weight` * KL to N(0, 1) per latent element, on a posterior
+  *sample*: the decoder learns to tolerate latent noise, which is what a diffusion model's latents will have.
+* **Deterministic and resumable**: the batch of step s (indices, flips) and its posterior noise come from
+  generators keyed by (seed, s); the optimizer state is created up front and checkpointed with the weights and
+  their EMA by `cosmos3.training.checkpoint` (atomic, sharded safetensors), so a resumed run ends bit-identical to
+  an uninterrupted one. `max_minutes` stops early (with a checkpoint); `max_steps` fixes the LR schedule.
+* **Latent statistics**: at export, the per-channel mean and std of the posterior mode over the training data
+  (images and clips) are written to the config's `latents_mean` / `latents_std`, which is how
+  `Cosmos3VisionTokenizer` (and the reference pipeline) normalizes latents to about unit variance.
+* **Denormals are flushed** on CPU while training (see `Trainer.train`: Adam moments of tiny gradients otherwise
+  make steps many times slower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import checkpoint
+
+# AutoencoderKLWan keyword arguments (Wan 2.2 layout; 16x spatial, 4x temporal; 16 latent channels).
+TINY_VAE_CONFIG: dict[str, Any] = {
+    "base_dim": 16, "z_dim": 16, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_scales": [],
+    "temperal_downsample": [False, True, True], "dropout": 0.0, "is_residual": True, "patch_size": 2,
+    "in_channels": 12, "out_channels": 12, "scale_factor_spatial": 16, "scale_factor_temporal": 4,
+    "latents_mean": [0.0] * 16, "latents_std": [1.0] * 16,
+}  # fmt: skip
+
+# Training settings (flat; `VAETrainer` fills in what a given config leaves out).
+VAE_TRAIN_DEFAULTS: dict[str, Any] = {
+    "output_dir": None,  # checkpoints and log.jsonl; None: no checkpoints
+    "max_steps": 3000,  # also the length of the LR schedule
+    "max_minutes": None,  # stop early (saving a checkpoint) once this much wall time is spent
+    "batch_images": 16,
+    "batch_videos": 2,
+    "video_every": 4,  # every k-th step is a clip batch (0: images only)
+    "video_frames": 9,  # clips are cut to this many frames (1 + 4k), at a random start
+    "learning_rate": 2e-3,
+    "min_lr_ratio": 0.05,  # cosine decay to learning_rate * this at max_steps
+    "warmup_steps": 100,
+    "betas": (0.9, 0.99),
+    "weight_decay": 0.0,
+    "grad_clip": 1.0,
+    "l1_weight": 1.0,
+    "mse_weight": 0.0,
+    "edge_weight": 0.5,
+    "kl_weight": 1e-4,
+    "sample_posterior": True,  # decode a posterior sample (else the mean) while training
+    "ema_decay": 0.995,  # 0: no EMA; else the EMA weights are exported
+    "flip": True,  # random horizontal flips (the VAE does not read captions)
+    "seed": 0,
+    "save_every": 500,
+    "keep_checkpoints": 2,
+    "log_every": 25,
+    "stats_samples": 512,  # images (and up to a quarter as many clips) the latent statistics are measured on
+    "isolated_decode": False,  # decode the folder in cosmos3.io's sandboxed child (slow; for untrusted data)
+    "num_threads": None,  # torch intra-op threads while training (None: unchanged). On a shared 2-core machine 1
+    # thread was 18x faster than 2 in our measurements: OpenMP threads spin-waiting for a busy core.
+}
+
+
+def make_vae(config: dict[str, Any] | None = None, seed: int = 0):
+    """A freshly initialized `AutoencoderKLWan` from `config` (default `TINY_VAE_CONFIG`), seeded."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(**dict(config or TINY_VAE_CONFIG))
+
+
+# ----------------------------------------------------------------------------------------- differentiable passes
+
+
+def encode_moments(vae, video: Tensor) -> Tensor:
+    """`[B, 3, T, H, W]` in [-1, 1] -> posterior moments `[B, 2z, T', h, w]`, differentiably: `vae._encode`'s chunk
+    loop (1 frame, then groups of 4) with a causal cache local to this call."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
+
+    x = patchify(video, patch_size=vae.config.patch_size) if vae.config.patch_size is not None else video
+    cache: list = [None] * vae._cached_conv_counts["encoder"]
+    frames = x.shape[2]
+    chunks = [(0, 1)] + [(1 + 4 * i, 5 + 4 * i) for i in range((frames - 1) // 4)]
+    out = torch.cat([vae.encoder(x[:, :, a:b], feat_cache=cache, feat_idx=[0]) for a, b in chunks], dim=2)
+    return vae.quant_conv(out)
+
+
+def decode_latents(vae, z: Tensor) -> Tensor:
+    """Raw latents `[B, z, T', h, w]` -> video `[B, 3, T, H, W]`, differentiably and *unclamped*: `vae._decode`'s
+    frame loop with a causal cache local to this call."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+    x = vae.post_quant_conv(z)
+    cache: list = [None] * vae._cached_conv_counts["decoder"]
+    out = torch.cat([vae.decoder(x[:, :, i : i + 1], feat_cache=cache, feat_idx=[0], first_chunk=i == 0)
+                     for i in range(x.shape[2])], dim=2)
+    return unpatchify(out, patch_size=vae.config.patch_size) if vae.config.patch_size is not None else out
+
+
+def reconstruction_loss(vae, video: Tensor, config: dict[str, Any], generator: torch.Generator | None = None
+                        ) -> tuple[Tensor, dict[str, float]]:
+    """The training objective on one batch (see the module docstring); returns (loss, parts for the log)."""
+    moments = encode_moments(vae, video)
+    mean, logvar = moments.chunk(2, dim=1)
+    logvar = logvar.clamp(-30.0, 20.0)  # as diffusers' DiagonalGaussianDistribution
+    if config["sample_posterior"]:
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        z = mean + torch.exp(0.5 * logvar) * noise
+    else:
+        z = mean
+    recon = decode_latents(vae, z)
+    l1 = (recon - video).abs().mean()
+    mse = (recon - video).square().mean()
+    edge = ((recon.diff(dim=-1) - video.diff(dim=-1)).abs().mean()
+            + (recon.diff(dim=-2) - video.diff(dim=-2)).abs().mean())
+    kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
+    loss = (config["l1_weight"] * l1 + config["mse_weight"] * mse + config["edge_weight"] * edge
+            + config["kl_weight"] * kl)
+    return loss, {"l1": l1.item(), "mse": mse.item(), "edge": edge.item(), "kl": kl.item()}
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+
+
+def load_media(folder: str | os.PathLike, *, video_frames: int = 9, isolated: bool = False
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """All of a `FolderDataset` folder in memory: images uint8 `[N, H, W, 3]` and clips `[M, T, H, W, 3]`.
+
+    Clips shorter than `video_frames` are left out; longer ones are kept whole (a step cuts a window). All images
+    must share one size, and all clips (it is one synthetic dataset, not a bucketed corpus).
+    """
+    from .datasets import FolderDataset
+
+    data = FolderDataset(folder, isolated=isolated)
+    images, clips = [], []
+    for i in range(len(data)):
+        frames = data[i]["frames"]
+        if data[i]["fps"] is None:
+            images.append(frames[0])
+        elif len(frames) >= video_frames:
+            clips.append(frames)
+    if clips:
+        shortest = min(len(c) for c in clips)
+        clips = [c[:shortest] for c in clips]
+    for name, items in (("images", images), ("clips", clips)):
+        if len({x.shape[-3:] for x in items}) > 1:
+            raise ValueError(f"{folder}: {name} of different sizes {sorted({x.shape for x in items})[:3]}")
+    empty_images = np.zeros((0, 16, 16, 3), np.uint8)
+    empty_clips = np.zeros((0, video_frames, 16, 16, 3), np.uint8)
+    return (np.stack(images) if images else empty_images, np.stack(clips) if clips else empty_clips)
+
+
+def to_video_tensor(frames: np.ndarray) -> Tensor:
+    """uint8 `[B, H, W, 3]` (images) or `[B, T, H, W, 3]` (clips) -> float `[B, 3, T, H, W]` in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).float() / 127.5 - 1.0
+    if x.ndim == 4:
+        x = x.unsqueeze(1)
+    return x.permute(0, 4, 1, 2, 3).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------- trainer
+
+
+class VAETrainer:
+    """Trains `vae` on the images and clips of a `FolderDataset` folder (see the module docstring).
+
+    Args:
+        vae: an `AutoencoderKLWan` (e.g. `make_vae()`), trained in place.
+        data: a folder, or `(images, clips)` uint8 arrays as `load_media` returns them.
+        config: overrides of `VAE_TRAIN_DEFAULTS`.
+        log: receives step records and events (default: print JSON lines; also appended to
+            `output_dir/log.jsonl` when there is an output dir).
+    """
+
+    def __init__(self, vae, data: str | os.PathLike | tuple[np.ndarray, np.ndarray],
+                 config: dict[str, Any] | None = None, log: Callable[[dict], None] | None = None) -> None:
+        unknown = set(config or {}) - set(VAE_TRAIN_DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown VAE training settings {sorted(unknown)}; known: {sorted(VAE_TRAIN_DEFAULTS)}")
+        self.config = {**VAE_TRAIN_DEFAULTS, **(config or {})}
+        cfg = self.config
+        if (cfg["video_frames"] - 1) % int(vae.config.scale_factor_temporal):
+            raise ValueError(f"`video_frames` must be 1 + {vae.config.scale_factor_temporal}k, "
+                             f"got {cfg['video_frames']}")
+        self.vae = vae.train()
+        if isinstance(data, tuple):
+            self.images, self.clips = data
+        else:
+            self.images, self.clips = load_media(data, video_frames=cfg["video_frames"],
+                                                 isolated=cfg["isolated_decode"])
+        if not len(self.images) and not len(self.clips):
+            raise ValueError("no training data: the folder holds neither images nor long enough clips")
+        self._log = log
+        self.params = {n: p for n, p in vae.named_parameters() if p.requires_grad}
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg["learning_rate"], betas=tuple(cfg["betas"]),
+                                           weight_decay=cfg["weight_decay"])
+        for p in self.params.values():  # created up front so a checkpoint always holds the same tensors
+            self.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                       "exp_avg_sq": torch.zeros_like(p)}
+        self.ema = {n: p.detach().clone() for n, p in self.params.items()} if cfg["ema_decay"] else {}
+        self.step = 0
+
+    # ------------------------------------------------------------------------------------------------ plumbing
+
+    def log(self, record: dict) -> None:
+        if self._log is not None:
+            self._log(record)
+        else:
+            print(json.dumps(record), flush=True)
+        if self.config["output_dir"]:
+            os.makedirs(self.config["output_dir"], exist_ok=True)
+            with open(os.path.join(self.config["output_dir"], "log.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def learning_rate(self, step: int) -> float:
+        """Linear warmup, then cosine decay to `min_lr_ratio` at `max_steps` (a function of the step only)."""
+        cfg = self.config
+        if step < cfg["warmup_steps"]:
+            return cfg["learning_rate"] * (step + 1) / cfg["warmup_steps"]
+        progress = min(1.0, (step - cfg["warmup_steps"]) / max(1, cfg["max_steps"] - cfg["warmup_steps"]))
+        ratio = cfg["min_lr_ratio"] + (1 - cfg["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * progress))
+        return cfg["learning_rate"] * ratio
+
+    def batch(self, step: int) -> Tensor:
+        """The batch of `step` as `[B, 3, T, H, W]`: clips every `video_every`-th step (when there are clips),
+        else images; indices, clip windows and flips drawn from a generator keyed by (seed, step)."""
+        cfg = self.config
+        rng = np.random.default_rng((cfg["seed"], step))
+        videos = len(self.clips) and (not len(self.images) or (cfg["video_every"] and step % cfg["video_every"] == 0))
+        if videos:
+            idx = rng.integers(len(self.clips), size=cfg["batch_videos"])
+            span = self.clips.shape[1] - cfg["video_frames"]
+            starts = rng.integers(span + 1, size=len(idx))
+            frames = np.stack([self.clips[i, s : s + cfg["video_frames"]] for i, s in zip(idx, starts)])
+        else:
+            frames = self.images[rng.integers(len(self.images), size=cfg["batch_images"])]
+        if cfg["flip"]:
+            flips = rng.random(len(frames)) < 0.5
+            frames = np.where(flips.reshape(-1, *([1] * (frames.ndim - 1))), frames[..., ::-1, :], frames)
+        return to_video_tensor(frames)
+
+    # ------------------------------------------------------------------------------------------------ training
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step on `batch(step)`; a non-finite loss or gradient skips the update."""
+        cfg = self.config
+        video = self.batch(self.step)
+        generator = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + self.step)
+        lr = self.learning_rate(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        start = time.perf_counter()
+        loss, parts = reconstruction_loss(self.vae, video, cfg, generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        record: dict[str, Any] = {"step": self.step + 1, "loss": loss.item(), **parts, "lr": lr,
+                                  "frames": int(video.shape[2])}
+        if not torch.isfinite(loss):
+            record["skipped"] = "non-finite loss"
+        else:
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg["grad_clip"])
+            record["grad_norm"] = float(grad_norm)
+            if not torch.isfinite(grad_norm):
+                record["skipped"] = "non-finite gradient norm"
+            else:
+                self.optimizer.step()
+                if self.ema:
+                    with torch.no_grad():
+                        for name, p in self.params.items():
+                            self.ema[name].lerp_(p.detach(), 1.0 - cfg["ema_decay"])
+        self.optimizer.zero_grad(set_to_none=True)
+        record["seconds"] = time.perf_counter() - start
+        self.step += 1
+        return record
+
+    def train(self) -> list[dict]:
+        """Resume from the newest complete checkpoint (if any), train to `max_steps` or `max_minutes`, saving every
+        `save_every` steps and at the end. Returns the step records of this call."""
+        cfg = self.config
+        self.resume()
+        records: list[dict] = []
+        start = time.monotonic()
+        flush = torch.set_flush_denormal(True)
+        threads = torch.get_num_threads()
+        if cfg["num_threads"]:
+            torch.set_num_threads(cfg["num_threads"])
+        try:
+            while self.step < cfg["max_steps"]:
+                record = self.train_step()
+                records.append(record)
+                if self.step % cfg["log_every"] == 0 or self.step == cfg["max_steps"] or "skipped" in record:
+                    self.log({**record, "elapsed": round(time.monotonic() - start, 1)})
+                out_of_time = cfg["max_minutes"] is not None and time.monotonic() - start > 60 * cfg["max_minutes"]
+                if cfg["output_dir"] and (self.step % cfg["save_every"] == 0 or self.step == cfg["max_steps"]
+                                          or out_of_time):
+                    self.save()
+                if out_of_time:
+                    self.log({"event": "time budget spent", "step": self.step, "minutes": cfg["max_minutes"]})
+                    break
+        finally:
+            if flush:
+                torch.set_flush_denormal(False)
+            torch.set_num_threads(threads)
+        self.vae.eval()
+        return records
+
+    # --------------------------------------------------------------------------------------------- checkpoints
+
+    def state(self) -> dict[str, Tensor]:
+        """Weights, EMA and optimizer moments as one flat dict of tensors (what a resume needs)."""
+        state = {}
+        for name, p in self.params.items():
+            state[f"model.{name}"] = p
+            if self.ema:
+                state[f"ema.{name}"] = self.ema[name]
+            for key, value in self.optimizer.state[p].items():
+                state[f"optim.{name}.{key}"] = value
+        return state
+
+    def save(self) -> str:
+        vae_config = {k: v for k, v in self.vae.config.items() if not k.startswith("_")}
+        meta = {"config": self.config, "vae_config": vae_config}
+        return checkpoint.save(self.config["output_dir"], self.step, self.state(), meta,
+                               self.config["keep_checkpoints"])
+
+    def resume(self) -> int | None:
+        """Load the newest complete checkpoint of `output_dir`; returns its step, or None."""
+        if not self.config["output_dir"]:
+            return None
+        meta = checkpoint.load_latest(self.config["output_dir"], self.state(), self.log)
+        if meta is None:
+            return None
+        self.step = int(meta["step"])
+        return self.step
+
+    # ------------------------------------------------------------------------------------------------- export
+
+    def export_weights(self) -> None:
+        """Copy the EMA weights (when kept) into the VAE, which is then what `export` saves and `evaluate_vae`
+        measures."""
+        if self.ema:
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.copy_(self.ema[name])
+
+    def export(self, out_dir: str | os.PathLike) -> str:
+        """Put the EMA weights in the VAE, measure and write `latents_mean`/`latents_std`, and `save_pretrained` at
+        `out_dir` atomically. Returns `out_dir`."""
+        self.export_weights()
+        self.vae.eval()
+        cfg = self.config
+        rng = np.random.default_rng((cfg["seed"], 2**32 - 1))  # not a step's key
+        images = self.images[rng.permutation(len(self.images))[: cfg["stats_samples"]]]
+        clips = self.clips[rng.permutation(len(self.clips))[: max(1, cfg["stats_samples"] // 4)]] if len(self.clips) \
+            else self.clips
+        set_latent_statistics(self.vae, images, clips[:, : cfg["video_frames"]])
+        return save_vae(self.vae, out_dir)
+
+
+def train_vae(vae, dataset_folder: str | os.PathLike, config: dict[str, Any] | None = None,
+              export_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Train `vae` on `dataset_folder` with `config` (see `VAE_TRAIN_DEFAULTS`), then, when `export_dir` is given,
+    write it there with its latent statistics. Returns the step records."""
+    trainer = VAETrainer(vae, dataset_folder, config)
+    records = trainer.train()
+    if export_dir is not None:
+        trainer.export(export_dir)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------- export
+
+
+@torch.no_grad()
+def latent_statistics(vae, images: np.ndarray, clips: np.ndarray, batch: int = 32) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the posterior mode over `images` `[N, H, W, 3]` and `clips` `[M, T, H, W, 3]`
+    (every latent position counts once)."""
+    total = total_sq = None
+    count = 0
+    for data, size in ((images, batch), (clips, max(1, batch // 8))):
+        for start in range(0, len(data), size):
+            mode = vae.encode(to_video_tensor(data[start : start + size]).to(vae.dtype)).latent_dist.mode().double()
+            flat = mode.transpose(0, 1).reshape(mode.shape[1], -1)
+            total = flat.sum(1) if total is None else total + flat.sum(1)
+            total_sq = flat.square().sum(1) if total_sq is None else total_sq + flat.square().sum(1)
+            count += flat.shape[1]
+    if not count:
+        raise ValueError("no data to measure latent statistics on")
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(1e-12).sqrt()
+    return [float(x) for x in mean], [float(x) for x in std]
+
+
+def set_latent_statistics(vae, images: np.ndarray, clips: np.ndarray) -> tuple[list[float], list[float]]:
+    """Measure `latent_statistics` and write them into `vae.config` (`latents_mean`, `latents_std`)."""
+    mean, std = latent_statistics(vae, images, clips)
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    return mean, std
+
+
+def save_vae(vae, out_dir: str | os.PathLike) -> str:
+    """`vae.save_pretrained(out_dir)`, atomically: written to a sibling temporary folder, then renamed into place."""
+    out_dir = os.path.normpath(os.fspath(out_dir))
+    parent = os.path.dirname(out_dir) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".partial", dir=parent)
+    try:
+        vae.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
+        if os.path.exists(out_dir):
+            old = tmp[: -len(".partial")] + ".old"
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------------- evaluation
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB between uint8 arrays (peak 255), over all their values."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+@torch.no_grad()
+def reconstruct(vae, frames: np.ndarray, batch: int = 16) -> np.ndarray:
+    """uint8 round trip through the pipelines' path (`Cosmos3VisionTokenizer`: posterior mode, normalized latents,
+    clamped decode): `[N, H, W, 3]` or `[N, T, H, W, 3]` in, same shape out."""
+    from ..tokenizers.vision import Cosmos3VisionTokenizer, postprocess_video
+
+    tokenizer = Cosmos3VisionTokenizer(vae)
+    outs = []
+    for start in range(0, len(frames), batch):
+        video = to_video_tensor(frames[start : start + batch])
+        outs.append(postprocess_video(tokenizer.decode(tokenizer.encode(video))))
+    out = np.concatenate(outs)
+    return out[:, 0] if frames.ndim == 4 else out
+
+
+def evaluate_vae(vae, images: np.ndarray, clips: np.ndarray | None = None,
+                 attributes: Sequence[dict] | None = None, clip_attributes: Sequence[dict] | None = None
+                 ) -> dict[str, Any]:
+    """Reconstruction PSNR (dB, mean over samples and pooled) of images and clips; with attributes, also the
+    synthetic scorer's accuracy on the reconstructions (do colours, shapes, sizes, positions survive?)."""
+    from . import synthetic
+
+    was_training = vae.training
+    vae.eval()
+    result: dict[str, Any] = {}
+    for name, data, attrs in (("image", images, attributes), ("video", clips, clip_attributes)):
+        if data is None or not len(data):
+            continue
+        recon = reconstruct(vae, data, batch=16 if name == "image" else 2)
+        result[f"psnr_{name}"] = psnr(recon, data)
+        result[f"psnr_{name}_mean"] = float(np.mean([psnr(r, x) for r, x in zip(recon, data)]))
+        if attrs is not None:
+            result[f"scorer_{name}_reconstructed"] = synthetic.accuracy(list(zip(recon, attrs)))
+            result[f"scorer_{name}_original"] = synthetic.accuracy(list(zip(data, attrs)))
+    vae.train(was_training)
+    return result
+
+
+def heldout_scenes(n_images: int, n_videos: int, size: int = 64, frames: int = 9, seed: int = 1234
+                   ) -> tuple[np.ndarray, list[dict], np.ndarray, list[dict]]:
+    """Clean synthetic renders no training folder holds (kind 'eval' of the generator, own seed): images, their
+    attributes, clips, theirs."""
+    from . import synthetic
+
+    images, image_attrs, clips, clip_attrs = [], [], [], []
+    for i in range(n_images):
+        scene = synthetic.sample_scene(np.random.default_rng((seed, 10, i)), heldout=None)
+        images.append(synthetic.render_scene(scene, size))
+        image_attrs.append(scene["attributes"])
+    for i in range(n_videos):
+        scene = synthetic.sample_scene(np.random.default_rng((seed, 11, i)), video=True, heldout=None)
+        clips.append(synthetic.render_scene(scene, size, frames))
+        clip_attrs.append(scene["attributes"])
+    empty = np.zeros((0, size, size, 3), np.uint8)
+    return (np.stack(images) if images else empty, image_attrs,
+            np.stack(clips) if clips else empty[:, None], clip_attrs)
+
+
+def safetensors_bytes(folder: str | os.PathLike) -> int:
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Command line: generate the synthetic folder if missing, train, export, evaluate; prints a JSON summary."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", required=True, help="a FolderDataset folder (generated when missing)")
+    parser.add_argument("--output-dir", required=True, help="checkpoints and log.jsonl")
+    parser.add_argument("--export", required=True, help="where the trained VAE is saved (save_pretrained)")
+    parser.add_argument("--n-images", type=int, default=4000, help="when generating --data")
+    parser.add_argument("--n-videos", type=int, default=500, help="when generating --data")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--config", default="{}", help="JSON overrides of VAE_TRAIN_DEFAULTS")
+    parser.add_argument("--vae-config", default="{}", help="JSON overrides of TINY_VAE_CONFIG")
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--max-minutes", type=float)
+    parser.add_argument("--eval-images", type=int, default=200)
+    parser.add_argument("--eval-videos", type=int, default=40)
+    args = parser.parse_args(argv)
+    from . import synthetic
+
+    if not os.path.isdir(args.data):
+        synthetic.write_folder_dataset(args.data, args.n_images, args.n_videos, size=args.size)
+    config = json.loads(args.config)
+    for key in ("max_steps", "max_minutes"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    config.setdefault("output_dir", args.output_dir)
+    vae_config = {**TINY_VAE_CONFIG, **json.loads(args.vae_config)}
+    z = vae_config["z_dim"]
+    vae_config.setdefault("latents_mean", [0.0] * z)
+    if len(vae_config["latents_mean"]) != z:
+        vae_config["latents_mean"], vae_config["latents_std"] = [0.0] * z, [1.0] * z
+    vae = make_vae(vae_config, seed=config.get("seed", 0))
+    start = time.monotonic()
+    trainer = VAETrainer(vae, args.data, config)
+    records = trainer.train()
+    trainer.export(args.export)
+    images, image_attrs, clips, clip_attrs = heldout_scenes(args.eval_images, args.eval_videos, args.size)
+    summary = {"steps": trainer.step, "train_minutes_this_call": round((time.monotonic() - start) / 60, 2),
+               "final_loss": records[-1]["loss"] if records else None,
+               "safetensors_bytes": safetensors_bytes(args.export),
+               "parameters": sum(p.numel() for p in vae.parameters()),
+               **evaluate_vae(vae, images, clips, image_attrs, clip_attrs)}
+    trainer.log({"event": "summary", **summary})
+    return summary
+
+
+if __name__ == "__main__":
+    main()
