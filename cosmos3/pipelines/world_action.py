@@ -27,8 +27,13 @@ from ..tokenizers.vision import preprocess_video
 from .common import Cosmos3PipelineBase, _check_generators, _Request
 
 ACTION_MODES = ("policy", "forward_dynamics", "inverse_dynamics")
-# Canvases (height, width) of each resolution tier by aspect ratio (width / height), as the reference.
+# Canvases (height, width) of each resolution tier by aspect ratio (height / width). 256-720 are the reference's;
+# 64 and 128 are cosmos3's, for small models (Cosmos3-Tiny runs its policy at 64): every side a multiple of 32 (the
+# VAE's 16x times the transformer's 2x2 patches), aspect buckets as close to the reference's as that allows.
 RESOLUTION_BINS: dict[int, dict[str, tuple[int, int]]] = {
+    64: {"1.0": (64, 64), "0.5": (64, 128), "2.0": (128, 64)},
+    128: {"1.0": (128, 128), "0.8": (128, 160), "1.25": (160, 128), "0.6": (96, 160),
+          "1.6666666666666667": (160, 96)},
     256: {"1.0": (256, 256), "0.8": (256, 320), "1.25": (320, 256), "0.6": (192, 320),
           "1.6666666666666667": (320, 192)},
     480: {"1.0": (640, 640), "0.7391304347826086": (544, 736), "1.3529411764705883": (736, 544),
@@ -50,7 +55,7 @@ class ActionRequest:
         domain_name: embodiment (see `cosmos3.tokenizers.action.EMBODIMENT_TO_RAW_ACTION_DIM`).
         image / video: the first frame (policy, forward dynamics) or the whole clip (inverse dynamics).
         actions: `[T, raw_dim]` actions for forward dynamics (shorter: last one repeated; longer: truncated).
-        resolution_tier: 256, 480, 704 or 720 (match the input's native resolution).
+        resolution_tier: 256, 480, 704 or 720 as the reference (match the input's native resolution); 64 or 128 for small models.
         view_point: the caption's framing (a key of `ACTION_VIEWPOINTS`).
         action_dim: the unpadded action width; required for domains whose width depends on the dataset
             (`libero`, `no_action`: e.g. a robot fine-tuned into the libero slot), otherwise the domain's own.

@@ -27,7 +27,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -98,7 +98,7 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 
 def collect(
-    env_spec: str,
+    env_spec: str | Sequence[str],
     episodes: int,
     out_dir: str | os.PathLike,
     seed: int = 0,
@@ -113,12 +113,13 @@ def collect(
     """Run `expert` in `env_spec` and write its first `episodes` successful episodes to `out_dir` (new or empty).
 
     Args:
-        env_spec: A `make_env` spec, e.g. `"metaworld:reach-v3"`.
-        episodes: Successful episodes to keep.
+        env_spec: A `make_env` spec, e.g. `"metaworld:reach-v3"`, or several (a multi-task dataset, as MetaWorld's
+            MT10: `episodes` of each, one task per episode; the environments must record the same features).
+        episodes: Successful episodes to keep (per environment).
         out_dir: The dataset directory.
-        seed: Attempt k resets with `seed + k`.
+        seed: Attempt k resets with `seed + k` (in every environment).
         expert: `"scripted"` (see the module docstring).
-        max_attempts: Episodes to try at most (default `max(2 * episodes, episodes + 10)`).
+        max_attempts: Episodes to try at most per environment (default `max(2 * episodes, episodes + 10)`).
         image_size: Camera image size, an int or (height, width) (even numbers: the videos are yuv420p);
             None: the environment's default.
         progress: One line per attempt on stderr.
@@ -127,9 +128,13 @@ def collect(
 
     Returns the summary also written to `meta/collection.json`: counts (`episodes`, `attempts`,
     `failed_attempts`, `frames`), `seeds` / `failed_seeds`, `episode_lengths`, `complete` (False when
-    `max_attempts` ran out first), the environment's task, fps, embodiment and conventions. Raises
-    RuntimeError (and writes nothing) when no attempt succeeds.
+    `max_attempts` ran out first), the environment's task, fps, embodiment and conventions; with several
+    environments, these per environment under `envs` and the counts summed at the top. Raises RuntimeError (and
+    writes nothing) when no attempt succeeds.
     """
+    specs = [env_spec] if isinstance(env_spec, str) else list(env_spec)
+    if not specs or not all(isinstance(s, str) for s in specs) or len(set(specs)) != len(specs):
+        raise ValueError(f"`env_spec` must be a spec or a list of distinct specs, got {env_spec!r}.")
     episodes = _check_int("episodes", episodes, 1)
     seed = _check_int("seed", seed, 0)
     max_attempts = max(2 * episodes, episodes + 10) if max_attempts is None else max_attempts
@@ -145,62 +150,94 @@ def collect(
         options["image_size"] = image_size
 
     start = time.monotonic()
-    with make_env(env_spec, **options) as env:
-        policy = make_expert(env, expert)
-        features = {**env.features, **STEP_FEATURES}
-        writer = LeRobotDatasetWriter(out_dir, fps=env.fps, features=features, robot_type=env.robot_type,
-                                      video_codec=video_codec)
-        seeds: list[int] = []
-        failed: list[int] = []
-        lengths: list[int] = []
-        try:
-            with writer:  # on an error, the episodes saved so far are finalized
-                for attempt in range(max_attempts):
-                    if len(seeds) == episodes:
-                        break
-                    episode_seed = seed + attempt
-                    data, success = run_episode(env, policy, episode_seed)
-                    length = len(data["action"])
-                    if success:
-                        cameras = {IMAGE_PREFIX + c: data[IMAGE_PREFIX + c] for c in env.cameras}
-                        extra = {key: data[key] for key in STEP_FEATURES}
-                        writer.add_episode(cameras, actions=data["action"], state=data[STATE_KEY], task=env.task,
-                                           extra=extra)
-                        seeds.append(episode_seed)
-                        lengths.append(length)
-                    else:
-                        failed.append(episode_seed)
-                    if progress:
-                        print(f"[collect] {env.name} attempt {attempt + 1}/{max_attempts} seed {episode_seed}: "
-                              f"{'success' if success else 'failure'} after {length} steps "
-                              f"({len(seeds)}/{episodes} kept)", file=sys.stderr, flush=True)
-                if not seeds:
-                    raise RuntimeError(f"None of the {len(failed)} attempts in {env.name} succeeded; nothing was "
-                                       "written.")
-        except BaseException:
-            if not seeds and created:
-                with contextlib.suppress(OSError):
-                    os.rmdir(out_dir)
-            raise
-        summary = {
-            "env": env.name, "expert": expert, "out_dir": out_dir, "requested": episodes, "episodes": len(seeds),
-            "attempts": len(seeds) + len(failed), "failed_attempts": len(failed), "complete": len(seeds) == episodes,
-            "frames": int(sum(lengths)), "seeds": seeds, "failed_seeds": failed, "episode_lengths": lengths,
-            "success_rate": len(seeds) / (len(seeds) + len(failed)), "task": env.task, "fps": env.fps,
-            "embodiment": env.embodiment, "robot_type": env.robot_type, "cameras": list(env.cameras),
-            "image_size": list(env.image_size), "conventions": asdict(env.conventions),
-            "max_episode_steps": env.max_episode_steps, "seconds": round(time.monotonic() - start, 3),
-        }  # fmt: skip
+    summaries: list[dict[str, Any]] = []
+    writer = None
+    kept = 0
+    try:
+        for spec in specs:
+            with make_env(spec, **options) as env:
+                policy = make_expert(env, expert)
+                features = {**env.features, **STEP_FEATURES}
+                if writer is None:
+                    writer = LeRobotDatasetWriter(out_dir, fps=env.fps, features=features,
+                                                  robot_type=env.robot_type, video_codec=video_codec)
+                    writer.__enter__()  # on an error, the episodes saved so far are finalized (see finally)
+                elif writer._check_features(features) != writer.features or float(env.fps) != float(writer.fps):
+                    raise ValueError(f"`env_spec` {spec!r} records other features or fps than {specs[0]!r}; one "
+                                     "dataset holds environments with the same observations and actions.")
+                env_start = time.monotonic()
+                seeds, failed, lengths = _collect_env(env, policy, writer, episodes, seed, max_attempts, progress)
+                kept += len(seeds)
+                summaries.append({
+                    "env": env.name, "requested": episodes, "episodes": len(seeds),
+                    "attempts": len(seeds) + len(failed), "failed_attempts": len(failed),
+                    "complete": len(seeds) == episodes, "frames": int(sum(lengths)), "seeds": seeds,
+                    "failed_seeds": failed, "episode_lengths": lengths,
+                    "success_rate": len(seeds) / (len(seeds) + len(failed)), "task": env.task, "fps": env.fps,
+                    "embodiment": env.embodiment, "robot_type": env.robot_type, "cameras": list(env.cameras),
+                    "image_size": list(env.image_size), "conventions": asdict(env.conventions),
+                    "max_episode_steps": env.max_episode_steps, "seconds": round(time.monotonic() - env_start, 3),
+                })  # fmt: skip
+        if not kept:
+            raise RuntimeError(f"None of the attempts in {', '.join(specs)} succeeded; nothing was written.")
+    except BaseException as error:
+        if writer is not None:
+            writer.__exit__(type(error), error, error.__traceback__)
+            writer = None
+        if not kept and created:
+            with contextlib.suppress(OSError):
+                os.rmdir(out_dir)
+        raise
+    writer.__exit__(None, None, None)
+    if len(summaries) == 1:
+        summary = {**summaries[0], "expert": expert, "out_dir": out_dir}
+    else:
+        summary = {"env": [s["env"] for s in summaries], "expert": expert, "out_dir": out_dir,
+                   "requested": episodes * len(specs), "episodes": kept,
+                   "attempts": sum(s["attempts"] for s in summaries),
+                   "failed_attempts": sum(s["failed_attempts"] for s in summaries),
+                   "complete": all(s["complete"] for s in summaries),
+                   "frames": sum(s["frames"] for s in summaries), "tasks": [s["task"] for s in summaries],
+                   "fps": summaries[0]["fps"], "embodiment": summaries[0]["embodiment"], "envs": summaries}
+    summary["seconds"] = round(time.monotonic() - start, 3)
     path = os.path.join(out_dir, SUMMARY_PATH)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(summary, f, indent=4)
         f.write("\n")
     os.replace(tmp, path)
-    if not summary["complete"]:
-        warnings.warn(f"Only {len(seeds)} of {episodes} episodes succeeded in {max_attempts} attempts "
-                      f"({out_dir} holds those).", RuntimeWarning, stacklevel=2)
+    for s in summaries:
+        if not s["complete"]:
+            warnings.warn(f"Only {s['episodes']} of {episodes} episodes succeeded in {max_attempts} attempts in "
+                          f"{s['env']} ({out_dir} holds those).", RuntimeWarning, stacklevel=2)
     return summary
+
+
+def _collect_env(env: RobotEnv, policy, writer: LeRobotDatasetWriter, episodes: int, seed: int, max_attempts: int,
+                 progress: bool) -> tuple[list[int], list[int], list[int]]:
+    """Attempts in one environment until `episodes` succeed; returns kept seeds, failed seeds, kept lengths."""
+    seeds: list[int] = []
+    failed: list[int] = []
+    lengths: list[int] = []
+    for attempt in range(max_attempts):
+        if len(seeds) == episodes:
+            break
+        episode_seed = seed + attempt
+        data, success = run_episode(env, policy, episode_seed)
+        length = len(data["action"])
+        if success:
+            cameras = {IMAGE_PREFIX + c: data[IMAGE_PREFIX + c] for c in env.cameras}
+            extra = {key: data[key] for key in STEP_FEATURES}
+            writer.add_episode(cameras, actions=data["action"], state=data[STATE_KEY], task=env.task, extra=extra)
+            seeds.append(episode_seed)
+            lengths.append(length)
+        else:
+            failed.append(episode_seed)
+        if progress:
+            print(f"[collect] {env.name} attempt {attempt + 1}/{max_attempts} seed {episode_seed}: "
+                  f"{'success' if success else 'failure'} after {length} steps ({len(seeds)}/{episodes} kept)",
+                  file=sys.stderr, flush=True)
+    return seeds, failed, lengths
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI
@@ -230,8 +267,9 @@ def _env_option_arg(text: str) -> tuple[str, Any]:
 
 def add_collect_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `cosmos3 collect` options (for a subparser)."""
-    parser.add_argument("--env", required=True, help="pusht | metaworld:<task> (e.g. metaworld:reach-v3) | "
-                        "aloha[:AlohaInsertion-v0|AlohaTransferCube-v0]")
+    parser.add_argument("--env", required=True, action="append", help="pusht | metaworld:<task> (e.g. "
+                        "metaworld:reach-v3) | aloha[:AlohaInsertion-v0|AlohaTransferCube-v0]; repeat it for a "
+                        "multi-task dataset (--episodes of each)")
     parser.add_argument("--expert", default="scripted", choices=EXPERTS)
     parser.add_argument("--episodes", type=int, required=True, help="successful episodes to keep")
     parser.add_argument("--out", required=True, help="dataset directory (new or empty)")
@@ -247,7 +285,7 @@ def add_collect_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 def run_collect(args: argparse.Namespace) -> dict[str, Any]:
     """Run `collect` with parsed `add_collect_arguments` options; returns the summary."""
-    return collect(args.env, args.episodes, args.out, seed=args.seed, expert=args.expert,
+    return collect(args.env[0] if len(args.env) == 1 else args.env, args.episodes, args.out, seed=args.seed, expert=args.expert,
                    max_attempts=args.max_attempts, image_size=args.image_size, progress=not args.quiet,
                    env_options=dict(args.env_option))
 

@@ -45,7 +45,7 @@ class PolicyConfig:
         chunk_size: actions predicted per call (the clip has chunk_size + 1 frames).
         n_action_steps: actions of each chunk executed before predicting the next (LeRobot's meaning).
         num_inference_steps, guidance_scale: the sampler (the released DROID policies: 4 steps).
-        resolution_tier: the canvas tier the model was trained at (256, 480, 704, 720).
+        resolution_tier: the canvas tier the model was trained at (64, 128, 256, 480, 704, 720).
         view_point: the caption's framing; None: ego_view for one camera, concat_view for several.
         fps: the control rate written into the prompt (the dataset's fps at training).
     """

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from PIL import Image
 
 
 def patchify(latent: Tensor, patch_size: int = 2) -> Tensor:
@@ -81,13 +82,19 @@ def preprocess_image(image, height: int, width: int) -> Tensor:
 
 
 def preprocess_video(video, height: int | None = None, width: int | None = None) -> Tensor:
-    """A clip (list of PIL frames, `[T, H, W, 3]` array, or tensor) -> `[1, 3, T, H, W]` in [-1, 1].
+    """A clip (PIL frames, uint8 `[T, H, W, 3]` frames, float ones in [0, 1], or a tensor) -> `[1, 3, T, H, W]` in [-1, 1].
 
     The reference pipeline runs diffusers' `VideoProcessor(vae_scale_factor=16, resample="bilinear")` on
     conditioning videos; we call it the same way so the conditioning frames are identical.
     """
     from diffusers.video_processor import VideoProcessor
 
+    # diffusers reads numpy frames as floats in [0, 1]: uint8 frames (what decoders and simulators give) would come
+    # out 255x too bright, so they go through PIL like the reference's PIL inputs
+    if isinstance(video, np.ndarray) and video.dtype == np.uint8:
+        video = list(video)
+    if isinstance(video, list) and video and all(isinstance(f, np.ndarray) and f.dtype == np.uint8 for f in video):
+        video = [Image.fromarray(np.ascontiguousarray(f)) for f in video]
     return VideoProcessor(vae_scale_factor=16, resample="bilinear").preprocess_video(video, height=height, width=width)
 
 

@@ -161,7 +161,7 @@ class ExampleEncoder:
             world-action tasks.
         action_normalizer: fitted on this dataset (see `normalizer_from_stats`); required by world-action tasks.
         action_dim: the transformer's `action_dim` (actions are zero-padded to it).
-        resolution_tier: world-action canvas tier (256, 480, 704, 720), as `ActionRequest.resolution_tier`.
+        resolution_tier: world-action canvas tier (64, 128, 256, 480, 704, 720), as `ActionRequest.resolution_tier`.
         view_point: the action caption's framing (a key of `ACTION_VIEWPOINTS`; default `ego_view` for one camera,
             `concat_view` for several).
         mode_weights: `task="mixed"`: relative frequency of each world-action mode (default: equal).

@@ -36,7 +36,8 @@ count for their shape, rather than for a colour halfway between). Per expected c
   coverage best (soft IoU);
 * **background**: the border median is nearest the stated background colour;
 * **motion** (videos): the centroid moves at least 10% of the image along the stated direction's axis, in its
-  sign, further than along the other axis.
+  sign, further than along the other axis (first frame to last); a clip's other checks are majorities over its
+  frames (x264's 4:2:0 chroma blurs small shapes in some frames).
 
 `score_image` returns these booleans per object, `accuracy` (fraction of checks passed) and `correct` (all
 passed). It is exact on clean renders (the tests require >= 95%); on generated images it measures what survives.

@@ -120,3 +120,19 @@ def test_cosmos3_collect_command(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["episodes"] == 1 or summary.get("kept", 1) == 1
     assert LeRobotDataset(str(tmp_path / "reach"), clip_frames=5).num_episodes == 1
+
+
+def test_several_environments_make_one_multi_task_dataset(tmp_path):
+    from cosmos3.training.datasets import LeRobotDataset
+
+    root = tmp_path / "mt"
+    summary = collect(["metaworld:reach-v3", "metaworld:drawer-close-v3"], 1, root, image_size=32, progress=False,
+                      env_options={"render_quality": "fast"})
+    assert summary["episodes"] == 2 and summary["complete"]
+    assert [e["env"] for e in summary["envs"]] == ["metaworld:reach-v3", "metaworld:drawer-close-v3"]
+    assert summary["frames"] == sum(e["frames"] for e in summary["envs"])
+    data = LeRobotDataset(root, clip_frames=5)
+    tasks = {data[i]["task"] for i in range(len(data))}
+    assert tasks == {e["task"] for e in summary["envs"]} and len(tasks) == 2
+    with pytest.raises(ValueError, match="distinct specs"):
+        collect(["metaworld:reach-v3", "metaworld:reach-v3"], 1, tmp_path / "dup")

@@ -354,7 +354,7 @@ def test_pickled_encoder_encodes_the_same(world, lerobot):
         (dict(task="policy", num_frames=9, embodiment=EMBODIMENT, action_normalizer="N", height=32, width=32),
          ValueError, "pass `resolution_tier` instead"),
         (dict(task="policy", num_frames=9, embodiment=EMBODIMENT, action_normalizer="N", resolution_tier=300),
-         ValueError, r"`resolution_tier` must be one of \[256, 480, 704, 720\]"),
+         ValueError, r"`resolution_tier` must be one of \[64, 128, 256, 480, 704, 720\]"),
         (dict(task="policy", num_frames=9, embodiment=EMBODIMENT, action_normalizer="N", view_point="top"),
          ValueError, "`view_point` must be one of"),
         (dict(task="policy", num_frames=9, embodiment=EMBODIMENT, action_normalizer="N", mode_weights={"p": 1}),
