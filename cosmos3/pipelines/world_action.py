@@ -55,7 +55,8 @@ class ActionRequest:
         domain_name: embodiment (see `cosmos3.tokenizers.action.EMBODIMENT_TO_RAW_ACTION_DIM`).
         image / video: the first frame (policy, forward dynamics) or the whole clip (inverse dynamics).
         actions: `[T, raw_dim]` actions for forward dynamics (shorter: last one repeated; longer: truncated).
-        resolution_tier: 256, 480, 704 or 720 as the reference (match the input's native resolution); 64 or 128 for small models.
+        resolution_tier: 256, 480, 704 or 720 as the reference (match the input's native resolution); 64 or
+            128 for small models.
         view_point: the caption's framing (a key of `ACTION_VIEWPOINTS`).
         action_dim: the unpadded action width; required for domains whose width depends on the dataset
             (`libero`, `no_action`: e.g. a robot fine-tuned into the libero slot), otherwise the domain's own.

@@ -285,7 +285,8 @@ def add_collect_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 def run_collect(args: argparse.Namespace) -> dict[str, Any]:
     """Run `collect` with parsed `add_collect_arguments` options; returns the summary."""
-    return collect(args.env[0] if len(args.env) == 1 else args.env, args.episodes, args.out, seed=args.seed, expert=args.expert,
+    envs = args.env[0] if len(args.env) == 1 else args.env
+    return collect(envs, args.episodes, args.out, seed=args.seed, expert=args.expert,
                    max_attempts=args.max_attempts, image_size=args.image_size, progress=not args.quiet,
                    env_options=dict(args.env_option))
 

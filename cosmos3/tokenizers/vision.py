@@ -20,8 +20,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 from PIL import Image
+from torch import Tensor
 
 
 def patchify(latent: Tensor, patch_size: int = 2) -> Tensor:
@@ -82,7 +82,8 @@ def preprocess_image(image, height: int, width: int) -> Tensor:
 
 
 def preprocess_video(video, height: int | None = None, width: int | None = None) -> Tensor:
-    """A clip (PIL frames, uint8 `[T, H, W, 3]` frames, float ones in [0, 1], or a tensor) -> `[1, 3, T, H, W]` in [-1, 1].
+    """A clip (PIL frames, uint8 `[T, H, W, 3]` frames, float ones in [0, 1], or a tensor) -> `[1, 3, T, H, W]`
+    in [-1, 1].
 
     The reference pipeline runs diffusers' `VideoProcessor(vae_scale_factor=16, resample="bilinear")` on
     conditioning videos; we call it the same way so the conditioning frames are identical.

@@ -998,7 +998,8 @@ class FolderDataset(torch.utils.data.Dataset):
     `skipped`).
 
     Sample `i`: `frames` uint8 `[T, H, W, 3]` (T = 1 for images), `caption`, `fps` (None for images), `path`.
-    `max_frames` caps T and `fps` subsamples videos (see `cosmos3.io.read_video`). Decoding is isolated in
+    `max_frames` caps T and `fps` subsamples videos (see `cosmos3.io.read_video`). `media="images"` / `"videos"`
+    keeps only one kind (e.g. a text-to-image and a text-to-video source over one folder). Decoding is isolated in
     `cosmos3.io`'s child process by default (`isolated=False` for trusted data saves its ~0.2 s start).
     """
 
@@ -1012,8 +1013,12 @@ class FolderDataset(torch.utils.data.Dataset):
         caption_keys: Sequence[str] = CAPTION_KEYS,
         isolated: bool = True,
         limits: MediaLimits = DEFAULT_LIMITS,
+        media: str = "all",
     ) -> None:
         self.root = os.path.normpath(os.fspath(root))  # so paths from os.walk and from metadata lines compare
+        kinds = {"all": IMAGE_EXTENSIONS + VIDEO_EXTENSIONS, "images": IMAGE_EXTENSIONS, "videos": VIDEO_EXTENSIONS}
+        if media not in kinds:
+            raise ValueError(f"`media` must be one of {list(kinds)}, got {media!r}.")
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"{self.root!r} is not a directory.")
         if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int)
@@ -1033,6 +1038,9 @@ class FolderDataset(torch.utils.data.Dataset):
         if not media_files:
             raise ValueError(f"{self.root!r} holds no images {IMAGE_EXTENSIONS} or videos {VIDEO_EXTENSIONS}.")
         captions = self._read_metadata(metadata, set(media_files), caption_keys)
+        media_files = [path for path in media_files if path.lower().endswith(kinds[media])]
+        if not media_files:
+            raise ValueError(f"{self.root!r} holds no {media} ({', '.join(kinds[media])}).")
         self.paths: list[str] = []
         self.captions: list[str] = []
         self.skipped: list[str] = []

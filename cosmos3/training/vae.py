@@ -304,7 +304,8 @@ class VAETrainer:
         if cfg["crop"]:
             height, width = frames.shape[-3:-1]
             side = cfg["crop"]
-            tops, lefts = rng.integers(height - side + 1, size=len(frames)), rng.integers(width - side + 1, size=len(frames))
+            tops = rng.integers(height - side + 1, size=len(frames))
+            lefts = rng.integers(width - side + 1, size=len(frames))
             frames = np.stack([f[..., t : t + side, x : x + side, :] for f, t, x in zip(frames, tops, lefts)])
         if cfg["flip"]:
             flips = rng.random(len(frames)) < 0.5

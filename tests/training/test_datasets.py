@@ -441,6 +441,21 @@ def test_folder_dataset_metadata_jsonl(media_folder):
     assert data[1]["caption"] == "b caption" and data[1]["frames"].shape == (1, 16, 16, 3)  # isolated decoding
 
 
+def test_folder_dataset_keeps_one_kind_of_media(media_folder):
+    for name in ("a", "b", "sub/c"):
+        (media_folder / f"{name}.txt").write_text(f"caption {name}")
+    images = FolderDataset(media_folder, media="images", isolated=False)
+    videos = FolderDataset(media_folder, media="videos", isolated=False)
+    assert [os.path.basename(p) for p in images.paths] == ["a.png", "b.jpg"]
+    assert images.captions == ["caption a", "caption b"]
+    assert [os.path.basename(p) for p in videos.paths] == ["c.mp4"] and videos[0]["fps"] == 8.0
+    with pytest.raises(ValueError, match="`media` must be one of"):
+        FolderDataset(media_folder, media="audio")
+    (media_folder / "sub" / "c.mp4").unlink()
+    with pytest.raises(ValueError, match="holds no videos"):
+        FolderDataset(media_folder, media="videos")
+
+
 def test_folder_dataset_missing_captions(media_folder):
     (media_folder / "a.txt").write_text("only a")
     (media_folder / "b.txt").write_text("   ")  # blank is missing
