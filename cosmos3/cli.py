@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--no-ema", action="store_true", help="export the trained weights instead of their EMA")
     r = sub.add_parser("rollout", help="closed-loop evaluation of a policy in a simulator")
     r.add_argument("--env", required=True, help="pusht, metaworld:<task>, aloha[:<task>]")
-    r.add_argument("--policy", required=True, help="a checkpoint folder with policy_config.json, or 'random'")
+    r.add_argument("--policy", required=True, help="a checkpoint folder with policy_config.json, 'random', or "
+                   "'expert' (the scripted expert, MetaWorld)")
     r.add_argument("--episodes", type=int, default=10)
     r.add_argument("--seed", type=int, default=0, help="episode i runs with seed + i")
     r.add_argument("--num-envs", type=int, default=1, help="environments stepped side by side")
@@ -196,10 +197,12 @@ def _make_policy(path: str, args: argparse.Namespace):
 
 def rollout(args: argparse.Namespace) -> dict:
     from .robotics.envs import make_env
-    from .robotics.rollout import RandomPolicy
+    from .robotics.rollout import ExpertPolicy, RandomPolicy
     from .robotics.rollout import rollout as run
 
-    if args.policy == "random":
+    if args.policy == "expert":
+        policy = ExpertPolicy("scripted")
+    elif args.policy == "random":
         env = make_env(args.env)
         low, high = env.action_low, env.action_high
         env.close()
@@ -208,7 +211,7 @@ def rollout(args: argparse.Namespace) -> dict:
         from .robotics.policy import Cosmos3Policy
 
         if not os.path.isdir(args.policy):
-            _fail(f"--policy {args.policy!r} is neither a folder nor 'random'")
+            _fail(f"--policy {args.policy!r} is neither a folder nor 'random' / 'expert'")
         overrides = {k: v for k, v in (("n_action_steps", args.n_action_steps), ("num_inference_steps", args.steps))
                      if v is not None}
         policy = Cosmos3Policy.from_pretrained(args.policy, device=args.device, seed=args.seed, **overrides)

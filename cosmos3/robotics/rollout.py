@@ -41,6 +41,32 @@ class RandomPolicy:
         return actions[0] if isinstance(observation, dict) else actions
 
 
+class ExpertPolicy:
+    """The environment's scripted expert (MetaWorld: `metaworld.policies`, reading the privileged state), as a
+    policy: the upper reference every result is compared with. `rollout` binds it to its environments."""
+
+    def __init__(self, expert: str = "scripted"):
+        self.expert = expert
+        self._experts: list = []
+
+    def bind(self, envs: list) -> None:
+        from .collect import make_expert
+
+        self._experts = [make_expert(env, self.expert) for env in envs]
+
+    def reset(self, seed: int | None = None, envs: list[int] | None = None) -> None:
+        pass  # stateless: every action is a function of the current state
+
+    def select_action(self, observation: dict | list[dict], env_ids: list[int] | None = None) -> np.ndarray:
+        if not self._experts:
+            raise RuntimeError("ExpertPolicy is not bound to environments; run it through `rollout`.")
+        single = isinstance(observation, dict)
+        observations = [observation] if single else list(observation)
+        env_ids = list(range(len(observations))) if env_ids is None else env_ids
+        actions = np.stack([self._experts[i](obs) for i, obs in zip(env_ids, observations)])
+        return actions[0] if single else actions
+
+
 class _EnvThread:
     """One environment living on its own thread: created, stepped, rendered and closed there (an EGL/OpenGL context
     belongs to the thread that made it current), so several environments step concurrently."""
@@ -97,6 +123,8 @@ def rollout(policy, env_spec: str, episodes: int, *, seed: int = 0, num_envs: in
     try:
         for _ in range(num_envs):
             envs.append(_EnvThread(env_spec, env_options or {}))
+        if callable(getattr(policy, "bind", None)):  # a policy that reads the simulator (the scripted expert)
+            policy.bind([e.env for e in envs])
         limit = max_steps or envs[0].env.max_episode_steps
         fps = envs[0].env.fps
         policy.reset(seed=seed)

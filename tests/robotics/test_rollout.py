@@ -48,3 +48,17 @@ def test_random_policy_baseline_and_argument_errors():
         rollout(policy, "pusht", 0)
     with pytest.raises(ValueError, match="`videos` > 0 needs `out_dir`"):
         rollout(policy, "pusht", 1, videos=1)
+
+
+def test_expert_policy_succeeds_where_random_does_not(tmp_path, capsys):
+    from cosmos3.robotics.rollout import ExpertPolicy
+
+    options = {"render_quality": "fast", "image_size": 32}
+    expert = rollout(ExpertPolicy(), "metaworld:reach-v3", 2, seed=0, num_envs=2, max_steps=150, progress=False,
+                     env_options=options)
+    assert expert["aggregated"]["pc_success"] == 100.0
+    assert all(e["steps"] < 150 for e in expert["per_episode"])  # success ends the episode early
+    with pytest.raises(RuntimeError, match="not bound"):
+        ExpertPolicy().select_action({})
+    with pytest.raises(SystemExit):
+        main(["rollout", "--env", "pusht", "--policy", "expert", "--episodes", "1", "--out", str(tmp_path)])
