@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate an image, a video or actions", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("--task", required=True, choices=TASKS)
-    g.add_argument("--model", required=True, help="checkpoint folder (the published diffusers layout)")
+    g.add_argument("--model", default=None, help="checkpoint folder (the published diffusers layout); default: "
+                   "Cosmos3-Tiny, shipped in the package")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--out", required=True, help="output path (.png for t2i, .mp4 otherwise)")
@@ -38,10 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--domain", help="embodiment for action tasks, e.g. droid_lerobot")
     g.add_argument("--chunk", type=int, default=16, help="actions per chunk (action tasks)")
     g.add_argument("--tier", type=int, default=480, help="resolution tier for action tasks")
-    g.add_argument("--frames", type=int, default=33)
-    g.add_argument("--height", type=int, default=480)
-    g.add_argument("--width", type=int, default=832)
-    g.add_argument("--fps", type=float, default=24.0)
+    g.add_argument("--frames", type=int, default=None, help="default: the model's call_defaults.json, else 33")
+    g.add_argument("--height", type=int, default=None, help="default: the model's call_defaults.json, else 480")
+    g.add_argument("--width", type=int, default=None, help="default: the model's call_defaults.json, else 832")
+    g.add_argument("--fps", type=float, default=None, help="default: the model's call_defaults.json, else 24")
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the task's)")
     g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the task's)")
     g.add_argument("--seed", type=int, default=0)
@@ -70,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--videos", type=int, default=2, help="episodes to record as mp4")
     r.add_argument("--out", required=True, help="folder for eval_info.json and videos")
     r.add_argument("--device", default=None)
+    from .robotics.collect import _env_option_arg, _image_size_arg
+
+    r.add_argument("--image-size", type=_image_size_arg, default=None,
+                   help="camera SIZE or HEIGHTxWIDTH (render as the training data was)")
+    r.add_argument("--env-option", type=_env_option_arg, action="append", default=[], metavar="KEY=VALUE",
+                   help="an environment option, VALUE as JSON if it parses (repeatable), e.g. render_quality=fast")
     from .demo import add_demo_arguments
 
     dm = sub.add_parser("demo", help="serve the browser demo on 127.0.0.1 (needs the `demo` extra)")
@@ -113,8 +120,28 @@ def generate(args: argparse.Namespace) -> dict:
     expected = ".png" if args.task == "t2i" else ".mp4"
     if ext != expected:
         _fail(f"--out for --task {args.task} must end in {expected}, got {args.out!r}")
+    if args.model is None:
+        from .demo import default_model_folder
+
+        try:
+            args.model = default_model_folder()
+        except FileNotFoundError as e:
+            _fail(str(e))
     if not os.path.isdir(args.model):
         _fail(f"--model {args.model!r} is not a folder")
+    from .pipelines.common import read_call_defaults
+
+    try:
+        recommended = read_call_defaults(args.model)
+    except ValueError as e:
+        _fail(str(e))
+    fallback = {"num_frames": 33, "height": 480, "width": 832, "fps": 24.0}
+    for arg, key in (("frames", "num_frames"), ("height", "height"), ("width", "width"), ("fps", "fps")):
+        if getattr(args, arg) is None:
+            setattr(args, arg, recommended.get(key, fallback[key]))
+    for arg, key in (("steps", "num_inference_steps"), ("guidance", "guidance_scale")):
+        if getattr(args, arg) is None and key in recommended:
+            setattr(args, arg, recommended[key])
     needs = {"i2v": "image", "policy": "image", "forward-dynamics": "image", "v2v": "video",
              "inverse-dynamics": "video"}
     if args.task in needs and getattr(args, needs[args.task]) is None:
@@ -200,6 +227,9 @@ def rollout(args: argparse.Namespace) -> dict:
     from .robotics.rollout import ExpertPolicy, RandomPolicy
     from .robotics.rollout import rollout as run
 
+    env_options = dict(args.env_option)
+    if args.image_size is not None:
+        env_options["image_size"] = args.image_size
     if args.policy == "expert":
         policy = ExpertPolicy("scripted")
     elif args.policy == "random":
@@ -216,7 +246,7 @@ def rollout(args: argparse.Namespace) -> dict:
                      if v is not None}
         policy = Cosmos3Policy.from_pretrained(args.policy, device=args.device, seed=args.seed, **overrides)
     return run(policy, args.env, args.episodes, seed=args.seed, num_envs=args.num_envs, max_steps=args.max_steps,
-               out_dir=args.out, videos=args.videos)
+               out_dir=args.out, videos=args.videos, env_options=env_options)
 
 
 def main(argv: list[str] | None = None) -> None:

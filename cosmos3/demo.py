@@ -111,18 +111,24 @@ class _Defaults:
     height: int
     width: int
     frames: int
+    guidance: float = 6.0
 
 
-def _defaults(device: str, limits: DemoLimits) -> _Defaults:
+def _defaults(device: str, limits: DemoLimits, recommended: dict | None = None) -> _Defaults:
+    """`recommended`: the model folder's `call_defaults.json` (a small model's training size wins over ours)."""
     if device.startswith("cuda"):
         steps, height, width, frames = 35, 480, 832, 33
     else:
         steps, height, width, frames = 8, 256, 256, 9
+    recommended = recommended or {}
+    steps = recommended.get("num_inference_steps", steps)
+    height, width = recommended.get("height", height), recommended.get("width", width)
+    frames = recommended.get("num_frames", frames)
     while height * width > limits.max_pixels and (height > 16 or width > 16):
         height, width = max(16, height // 32 * 16), max(16, width // 32 * 16)
     frames = min(frames, 1 + (limits.max_frames - 1) // 4 * 4)
     return _Defaults(min(steps, limits.max_steps), min(height, limits.max_side // 16 * 16),
-                     min(width, limits.max_side // 16 * 16), frames)
+                     min(width, limits.max_side // 16 * 16), frames, recommended.get("guidance_scale", 6.0))
 
 
 def default_model_folder() -> str:
@@ -442,7 +448,9 @@ class DemoApp:
         self.device = _resolve_device(device)
         if dtype is None:
             dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        self.defaults = _defaults(self.device, self.limits)
+        from .pipelines.common import read_call_defaults
+
+        self.defaults = _defaults(self.device, self.limits, read_call_defaults(self.model_folder))
 
         # One load; every task pipeline is built from the same component objects (one transformer in memory). Each
         # gets its own scheduler copy: schedulers keep per-call state (timesteps, step index).
@@ -645,7 +653,7 @@ class DemoApp:
 
     @property
     def tiers(self) -> list[int]:
-        """Resolution tiers whose largest canvas fits `max_pixels` (256 always stays: it is the smallest)."""
+        """Resolution tiers whose largest canvas fits `max_pixels` (the smallest always stays)."""
         from .pipelines.world_action import RESOLUTION_BINS
 
         limit = self.limits.max_pixels
@@ -719,7 +727,7 @@ class DemoApp:
                             width = gr.Slider(16, side, value=d.width, step=16, label="Width", elem_id="t2i-width")
                         with gr.Row():
                             steps = steps_slider(d.steps, "t2i-steps")
-                            guidance = guidance_slider(6.0, "t2i-guidance")
+                            guidance = guidance_slider(d.guidance, "t2i-guidance")
                             seed = seed_box("t2i-seed")
                         button = gr.Button("Generate", variant="primary", elem_id="t2i-run")
                     with gr.Column():
@@ -751,7 +759,7 @@ class DemoApp:
                             width = gr.Slider(16, side, value=d.width, step=16, label="Width")
                         with gr.Row():
                             steps = steps_slider(d.steps, "i2v-steps")
-                            guidance = guidance_slider(6.0, "i2v-guidance")
+                            guidance = guidance_slider(d.guidance, "i2v-guidance")
                             seed = seed_box("i2v-seed")
                         button = gr.Button("Generate video", variant="primary", elem_id="i2v-run")
                     with gr.Column():

@@ -37,6 +37,34 @@ from ..tokenizers.vision import Cosmos3VisionTokenizer
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
+CALL_DEFAULTS_FILE = "call_defaults.json"
+CALL_DEFAULT_KEYS = {"height": int, "width": int, "num_frames": int, "fps": float, "num_inference_steps": int,
+                     "guidance_scale": float}
+
+
+def read_call_defaults(folder: str) -> dict:
+    """The call settings a model folder recommends (`call_defaults.json`: e.g. Cosmos3-Tiny was trained at 64x64,
+    9 frames), used by `cosmos3 generate` and the demo where the user gives none. {} when the file is absent."""
+    import json
+    import os
+
+    path = os.path.join(folder, CALL_DEFAULTS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or set(data) - set(CALL_DEFAULT_KEYS):
+        raise ValueError(f"{path}: expected an object with keys among {sorted(CALL_DEFAULT_KEYS)}, got {data!r}.")
+    for key, kind in CALL_DEFAULT_KEYS.items():
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
+                                  or (kind is int and not float(value).is_integer())):
+            raise ValueError(f"{path}: `{key}` must be a positive {kind.__name__}, got {value!r}.")
+        if value is not None:
+            data[key] = kind(value)
+    return data
+
+
 @dataclass
 class Cosmos3PipelineOutput(BaseOutput):
     """`frames`: per sample, a list of PIL images (`pil`), or `[B, T, H, W, 3]` (`np`) / `[B, T, 3, H, W]` (`pt`)

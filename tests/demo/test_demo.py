@@ -311,7 +311,7 @@ def test_limits_are_validated():
         DemoLimits(max_frames=2)
     small = DemoApp.__new__(DemoApp)
     small.limits = DemoLimits(max_pixels=256 * 256)
-    assert small.tiers == [256]  # larger tiers' canvases are over the pixel cap
+    assert small.tiers == [64, 128]  # 256 and larger: the largest aspect bucket (256x320) is over the pixel cap
 
 
 def test_command_line_options():

@@ -17,7 +17,8 @@ KEYS = {"avg_sum_reward", "avg_max_reward", "pc_success", "eval_s", "eval_ep_s"}
 def test_pusht_rollout_with_the_cli(tiny_policy_folder, tmp_path, capsys):
     out = tmp_path / "eval"
     main(["rollout", "--env", "pusht", "--policy", str(tiny_policy_folder), "--episodes", "3", "--num-envs", "2",
-          "--max-steps", "5", "--videos", "1", "--out", str(out), "--device", "cpu", "--seed", "7"])
+          "--max-steps", "5", "--videos", "1", "--out", str(out), "--device", "cpu", "--seed", "7",
+          "--image-size", "96"])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     info = json.loads((out / "eval_info.json").read_text())
     assert set(info["aggregated"]) == KEYS and printed == info["aggregated"]
