@@ -82,3 +82,52 @@ def build_base(out_dir: str, vae_dir: str, seed: int = 0) -> str:
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+# The settings the shipped folder recommends (`call_defaults.json`): the size it was trained at.
+TINY_CALL_DEFAULTS: dict[str, Any] = {"height": 64, "width": 64, "num_frames": 9, "fps": 8.0,
+                                      "num_inference_steps": 20, "guidance_scale": 4.0}
+
+
+def write_caption_file(folder: str, out_path: str | None = None, kind: str = "image") -> str:
+    """The distinct captions of a synthetic folder's training `kind` samples, one per line (the distillation
+    prompts; held-out captions are in `heldout.jsonl`, not in `metadata.jsonl`)."""
+    from .synthetic import read_jsonl
+
+    out_path = out_path or os.path.join(folder, f"captions-train-{kind}.txt")
+    captions = sorted({line["text"] for line in read_jsonl(os.path.join(folder, "metadata.jsonl"))
+                       if line.get("kind", kind) == kind})
+    tmp = out_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(captions) + "\n")
+    os.replace(tmp, out_path)
+    return out_path
+
+
+def package(pipeline_dir: str, out_dir: str, *, call_defaults: dict[str, Any] | None = None) -> dict[str, int]:
+    """Write the shippable Cosmos3-Tiny folder: the trained pipeline with every floating-point weight in bfloat16
+    (loaders cast back to the dtype they are asked for) and `call_defaults.json`. Atomic. Returns the safetensors
+    bytes per component."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tmp = out_dir.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(pipeline_dir, tmp)
+    sizes: dict[str, int] = {}
+    for root, _, files in os.walk(tmp):
+        for name in files:
+            path = os.path.join(root, name)
+            if name.endswith(".safetensors"):
+                tensors = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous()
+                           for k, v in load_file(path).items()}
+                save_file(tensors, path, metadata={"format": "pt"})
+                part = os.path.relpath(root, tmp)
+                sizes[part] = sizes.get(part, 0) + os.path.getsize(path)
+    with open(os.path.join(tmp, "call_defaults.json"), "w") as f:
+        json.dump(call_defaults or TINY_CALL_DEFAULTS, f, indent=2)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return sizes

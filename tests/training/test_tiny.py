@@ -3,11 +3,13 @@
 import torch
 
 from cosmos3.pipelines import Cosmos3TextToImagePipeline, Cosmos3WorldActionPipeline
-from cosmos3.training.tiny import build_base, build_tokenizer
+from cosmos3.pipelines.common import read_call_defaults
+from cosmos3.training.synthetic import read_jsonl, write_folder_dataset
+from cosmos3.training.tiny import TINY_CALL_DEFAULTS, build_base, build_tokenizer, package, write_caption_file
 from cosmos3.training.vae import make_vae
 
 
-def test_build_base(tmp_path):
+def test_build_base_and_package(tmp_path):
     make_vae().save_pretrained(str(tmp_path / "vae"))
     folder = build_base(str(tmp_path / "base"), str(tmp_path / "vae"))
     for name in ("model_index.json", "transformer/config.json", "vae/config.json", "text_tokenizer/tokenizer.json"):
@@ -22,6 +24,24 @@ def test_build_base(tmp_path):
     out = t2i("a small red circle", height=64, width=64, num_inference_steps=2, guidance_scale=1.0,
               generator=torch.Generator().manual_seed(0), output_type="np")
     assert out.images[0].shape == (64, 64, 3)
+
+    # the shipped form: bfloat16 weights (about half the bytes), call defaults, same outputs up to bf16 rounding
+    sizes = package(folder, str(tmp_path / "shipped"))
+    assert set(sizes) == {"transformer", "vae"} and sum(sizes.values()) < 30e6
+    assert read_call_defaults(str(tmp_path / "shipped")) == TINY_CALL_DEFAULTS
+    shipped = Cosmos3TextToImagePipeline.from_pretrained(str(tmp_path / "shipped"), dtype=torch.float32)
+    assert shipped.transformer.dtype == torch.float32
+    for name, p in t2i.transformer.state_dict().items():
+        assert torch.equal(shipped.transformer.state_dict()[name], p.to(torch.bfloat16).float()), name
+
+
+def test_caption_file_holds_training_captions_only(tmp_path):
+    root = write_folder_dataset(tmp_path / "d", 12, 2, size=32, frames=5, n_heldout=4)
+    path = write_caption_file(root)
+    with open(path) as f:
+        captions = f.read().splitlines()
+    heldout = {line["text"] for line in read_jsonl(f"{root}/heldout.jsonl")}
+    assert 0 < len(captions) <= 12 and not heldout & set(captions)
 
 
 def test_tokenizer_is_deterministic_and_compact():
