@@ -131,6 +131,30 @@ def _defaults(device: str, limits: DemoLimits, recommended: dict | None = None) 
                      min(width, limits.max_side // 16 * 16), frames, recommended.get("guidance_scale", 6.0))
 
 
+EXAMPLES_FILE = "demo_examples.json"
+
+
+def _model_examples(folder: str) -> dict:
+    """A model folder's own example inputs (`demo_examples.json`: `t2i` prompts, `world_action` entries with an
+    `image` path inside the folder and an `instruction`), e.g. captions and MetaWorld frames for Cosmos3-Tiny,
+    which knows nothing of sports cars. Entries pointing outside the folder are ignored. {} when absent."""
+    import json
+
+    path = os.path.join(folder, EXAMPLES_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        data = json.load(f)
+    root = os.path.realpath(folder)
+    prompts = [p for p in data.get("t2i", []) if isinstance(p, str)]
+    world = []
+    for entry in data.get("world_action", []):
+        image = os.path.realpath(os.path.join(root, str(entry.get("image", ""))))
+        if image.startswith(root + os.sep) and os.path.isfile(image) and isinstance(entry.get("instruction"), str):
+            world.append({"image": image, "instruction": entry["instruction"]})
+    return {"t2i": prompts, "world_action": world}
+
+
 def default_model_folder() -> str:
     """The tiny random model shipped inside the package (`cosmos3/assets/cosmos3-tiny`): a demo that starts
     without downloading anything. Real checkpoints are passed with `--model`."""
@@ -501,6 +525,7 @@ class DemoApp:
             path = os.path.join(self.workdir, f"{name}.png")
             draw().save(path)
             self.examples[name] = path
+        self.model_examples = _model_examples(self.model_folder)
 
     def _load_policy(self, model_action_dim: int) -> None:
         """The folder's `policy_config.json` (embodiment, chunk, tier, steps) and `action_normalizer.json`, if any:
@@ -732,7 +757,8 @@ class DemoApp:
                         button = gr.Button("Generate", variant="primary", elem_id="t2i-run")
                     with gr.Column():
                         image_out = gr.Image(label="Image", format="png", interactive=False, elem_id="t2i-image")
-                gr.Examples([["a red sports car on a coastal road at sunset, cinematic"],
+                gr.Examples([[p] for p in self.model_examples.get("t2i", [])] or
+                            [["a red sports car on a coastal road at sunset, cinematic"],
                              ["a robot arm stacking wooden blocks on a white table"],
                              ["a bowl of ramen, top view, studio lighting"]], inputs=[prompt], cache_examples=False)
 
@@ -801,7 +827,8 @@ class DemoApp:
                                                 elem_id="wa-plot")
                             video_out = gr.Video(label="Predicted video", interactive=False, elem_id="wa-video")
                             actions_out = gr.JSON(label="Actions")
-                    gr.Examples([[self.examples["tabletop"], "pick up the red cube and put it in the blue bowl"]],
+                    gr.Examples([[e["image"], e["instruction"]] for e in self.model_examples.get("world_action", [])]
+                                or [[self.examples["tabletop"], "pick up the red cube and put it in the blue bowl"]],
                                 inputs=[image_in, instruction], cache_examples=False)
 
                     def world_action(image, instruction, embodiment, chunk, steps, seed, tier, progress=step_progress):

@@ -479,3 +479,24 @@ def test_demo_in_a_real_browser(demo_model_folder, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_model_examples_stay_inside_the_folder(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from cosmos3.demo import _model_examples
+
+    assert _model_examples(str(tmp_path)) == {}
+    (tmp_path / "examples").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "examples" / "frame.png")
+    Image.new("RGB", (8, 8)).save(tmp_path.parent / "outside.png")
+    (tmp_path / "demo_examples.json").write_text(json.dumps({
+        "t2i": ["a red circle", 3],
+        "world_action": [{"image": "examples/frame.png", "instruction": "reach the goal"},
+                         {"image": "../outside.png", "instruction": "escape"},
+                         {"image": "examples/missing.png", "instruction": "gone"}]}))
+    examples = _model_examples(str(tmp_path))
+    assert examples["t2i"] == ["a red circle"]
+    assert [e["instruction"] for e in examples["world_action"]] == ["reach the goal"]
