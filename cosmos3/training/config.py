@@ -164,7 +164,11 @@ def load_recipe(path: str, components: dict[str, Callable | None], exclude: dict
     for name, target in components.items():
         if name not in raw:
             raise ConfigError(f"{path}: the table [{name}] is missing.")
-        values = _resolve_paths(base, raw[name]) if isinstance(raw[name], dict) else raw[name]
+        values = raw[name]
+        if isinstance(values, dict):
+            values = _resolve_paths(base, values)
+        elif isinstance(values, list):  # an array of tables ([[sources]])
+            values = [_resolve_paths(base, v) if isinstance(v, dict) else v for v in values]
         tables[name] = check_table(path, name, values, target, (exclude or {}).get(name, ())) if target else values
     model = _resolve_paths(base, {"model": raw["model"]})["model"]
     return Recipe(path=path, model=model, device=raw.get("device"), log_tensorboard=raw.get("log_tensorboard", True),

@@ -158,6 +158,10 @@ def test_recipe_paths_are_relative_to_the_recipe(tmp_path):
     recipe = read_train_recipe(write_recipe(tmp_path / "r.toml", **tables))
     assert recipe.model == os.path.join(tmp_path, "m")
     assert recipe.tables["train"]["output_dir"] == os.path.join(tmp_path, "runs", "x")
+    sources = [{"format": "folder", "root": "d", "encode": {"task": "t2v"}},
+               {"format": "folder", "root": "/abs/e", "encode": {"task": "t2v"}}]
+    recipe = read_train_recipe(write_sources_recipe(tmp_path / "s.toml", "m", sources, {"output_dir": "x"}))
+    assert [s["data"]["root"] for s in recipe.tables["sources"]] == [os.path.join(tmp_path, "d"), "/abs/e"]
 
 
 def test_cli_reports_recipe_errors_without_a_traceback(tmp_path, capsys):
