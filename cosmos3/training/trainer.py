@@ -96,6 +96,10 @@ class TrainConfig:
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on the generation tower instead of its weights
     lora_alpha: float | None = None  # LoRA scale numerator (None: equal to the rank)
     num_workers: int = 0  # data-loading worker processes
+    # Also train the understanding (text) tower, through the generation loss. Off for pretrained checkpoints (it
+    # would erode their language model, as upstream keeps it frozen); on for a model trained from scratch
+    # (Cosmos3-Tiny), whose random text tower would otherwise give the generation tower nothing to read.
+    train_text_tower: bool = False
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "save_every", "keep_checkpoints"):
@@ -124,12 +128,16 @@ class TrainConfig:
             raise ValueError(f"`loss_weights` has unknown modalities {unknown}; valid: {sorted(flow.LOSS_WEIGHTS)}.")
 
 
-def trainable_parameters(model: Cosmos3Transformer) -> dict[str, torch.nn.Parameter]:
-    """The generation tower and heads (or only the LoRA adapters, when the model has them); freezes the rest."""
+def trainable_parameters(model: Cosmos3Transformer, train_text_tower: bool = False) -> dict[str, torch.nn.Parameter]:
+    """The generation tower and heads (or only the LoRA adapters, when the model has them); freezes the rest
+    (everything trains with `train_text_tower`, LoRA aside)."""
     adapters = lora.has_lora(model)
     out = {}
     for name, param in model.named_parameters():
-        train = lora.is_lora_parameter(name) if adapters else any(piece in name for piece in GENERATION_PARAMETERS)
+        if adapters:
+            train = lora.is_lora_parameter(name)
+        else:
+            train = train_text_tower or any(piece in name for piece in GENERATION_PARAMETERS)
         param.requires_grad_(train)
         if train:
             out[name] = param
@@ -167,7 +175,7 @@ class Trainer:
         self.log = log or ((lambda r: print(json.dumps(r), flush=True)) if self.rank == 0 else (lambda r: None))
         if config.lora_rank:
             model = lora.add_lora(model, config.lora_rank, config.lora_alpha)
-        trainable_parameters(model)
+        trainable_parameters(model, config.train_text_tower)
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         self.model = model
@@ -272,8 +280,8 @@ class Trainer:
         t = torch.stack(t)
         layout = model.build_layout(samples)
         with self._autocast():
-            with torch.no_grad():  # the understanding tower is frozen
-                text_kv = model.encode_text(layout)
+            with contextlib.nullcontext() if self.config.train_text_tower else torch.no_grad():
+                text_kv = model.encode_text(layout)  # frozen understanding tower: no graph
             out = self.forward_model(
                 layout, x_t["vision"], (t * 1000).to(device),
                 sound=x_t["sound"] if any(x is not None for x in x_t["sound"]) else None,

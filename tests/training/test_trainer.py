@@ -57,6 +57,14 @@ def test_frozen_text_tower_and_trained_generation_tower(tmp_path):
     assert torch.equal(m.layers[0].self_attn.to_q.weight, frozen)
     assert not torch.equal(m.layers[0].self_attn.add_q_proj.weight, trained)
 
+    # train_text_tower (a model trained from scratch): the generation loss reaches the text tower too
+    m = model()
+    text = m.layers[0].self_attn.to_q.weight.clone()
+    embed = m.embed_tokens.weight.clone()
+    Trainer(m, dataset(), config(tmp_path / "t", max_steps=2, save_every=1000, train_text_tower=True), log=quiet).train()
+    assert not torch.equal(m.layers[0].self_attn.to_q.weight, text)
+    assert not torch.equal(m.embed_tokens.weight, embed)
+
 
 def test_resume_continues_exactly(tmp_path):
     straight = Trainer(model(), dataset(), config(tmp_path / "a", max_steps=6), log=quiet)
