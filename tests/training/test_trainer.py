@@ -61,7 +61,8 @@ def test_frozen_text_tower_and_trained_generation_tower(tmp_path):
     m = model()
     text = m.layers[0].self_attn.to_q.weight.clone()
     embed = m.embed_tokens.weight.clone()
-    Trainer(m, dataset(), config(tmp_path / "t", max_steps=2, save_every=1000, train_text_tower=True), log=quiet).train()
+    settings = config(tmp_path / "t", max_steps=2, save_every=1000, train_text_tower=True)
+    Trainer(m, dataset(), settings, log=quiet).train()
     assert not torch.equal(m.layers[0].self_attn.to_q.weight, text)
     assert not torch.equal(m.embed_tokens.weight, embed)
 
