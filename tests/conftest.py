@@ -6,6 +6,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():
+    # Triton reads this when it is first imported (diffusers imports it through torch._dynamo, below): without a
+    # GPU, tests/kernels run the Triton kernels themselves under its interpreter. Only @triton.jit code is affected.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from cosmos3 import Cosmos3Transformer  # noqa: E402
 from cosmos3.testing import make_tiny_avae, make_tiny_vae, randomize_  # noqa: E402
 
