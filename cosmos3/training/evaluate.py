@@ -67,12 +67,24 @@ def prompt_faithfulness(pipe, lines: Sequence[dict], *, size: int = 64, num_infe
     render_scores = [synthetic.score_image(image, attributes) for image, attributes in rendered]
     return {
         "n": len(scores), "accuracy": float(np.mean([s["accuracy"] for s in scores])),
+        "per_attribute": attribute_accuracy(scores), "render_per_attribute": attribute_accuracy(render_scores),
         "correct": float(np.mean([s["correct"] for s in scores])),
         "render_accuracy": float(np.mean([s["accuracy"] for s in render_scores])),
         "render_correct": float(np.mean([s["correct"] for s in render_scores])),
         "size": size, "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed,
         "images": [image for image, _ in generated],
     }
+
+
+def attribute_accuracy(scores: Sequence[dict]) -> dict[str, float]:
+    """Fraction of passed checks per attribute (background, and colour / shape / size / position over objects)."""
+    checks: dict[str, list[bool]] = {"background": [bool(s["background"]) for s in scores]}
+    for s in scores:
+        for obj in s["objects"]:
+            for name, ok in obj.items():
+                if isinstance(ok, bool):
+                    checks.setdefault(name, []).append(ok)
+    return {name: float(np.mean(values)) for name, values in checks.items() if values}
 
 
 def forward_dynamics_psnr(pipe, normalizer, data_root: str | os.PathLike, *, num_frames: int = 9,

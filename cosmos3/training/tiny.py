@@ -104,10 +104,12 @@ def write_caption_file(folder: str, out_path: str | None = None, kind: str = "im
     return out_path
 
 
-def package(pipeline_dir: str, out_dir: str, *, call_defaults: dict[str, Any] | None = None) -> dict[str, int]:
+def package(pipeline_dir: str, out_dir: str, *, call_defaults: dict[str, Any] | None = None,
+            policy: dict[str, Any] | None = None, examples: dict[str, Any] | None = None) -> dict[str, int]:
     """Write the shippable Cosmos3-Tiny folder: the trained pipeline with every floating-point weight in bfloat16
-    (loaders cast back to the dtype they are asked for) and `call_defaults.json`. Atomic. Returns the safetensors
-    bytes per component."""
+    (loaders cast back to the dtype they are asked for), `call_defaults.json`, `policy_config.json` fields changed
+    by `policy` (e.g. fewer denoising steps), and the demo's `demo_examples.json` (`examples`; image files it names
+    are copied into `examples/`). Atomic. Returns the safetensors bytes per component."""
     import json
 
     import torch
@@ -128,6 +130,20 @@ def package(pipeline_dir: str, out_dir: str, *, call_defaults: dict[str, Any] | 
                 sizes[part] = sizes.get(part, 0) + os.path.getsize(path)
     with open(os.path.join(tmp, "call_defaults.json"), "w") as f:
         json.dump(call_defaults or TINY_CALL_DEFAULTS, f, indent=2)
+    if policy:
+        from ..robotics.policy import PolicyConfig
+
+        config = PolicyConfig.load(tmp)
+        PolicyConfig(**{**config.__dict__, **policy}).save(tmp)
+    if examples:
+        examples = json.loads(json.dumps(examples))
+        os.makedirs(os.path.join(tmp, "examples"), exist_ok=True)
+        for entry in examples.get("world_action", []):
+            name = os.path.basename(entry["image"])
+            shutil.copy(entry["image"], os.path.join(tmp, "examples", name))
+            entry["image"] = f"examples/{name}"
+        with open(os.path.join(tmp, "demo_examples.json"), "w") as f:
+            json.dump(examples, f, indent=2)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return sizes

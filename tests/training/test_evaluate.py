@@ -40,6 +40,8 @@ def test_prompt_faithfulness_scores_renders_high_and_flat_images_low(heldout_lin
     assert perfect["accuracy"] >= 0.95 and perfect["render_accuracy"] == perfect["accuracy"]
     flat = evaluate.prompt_faithfulness(RenderingPipe(heldout_lines, flat=True), heldout_lines)
     assert flat["accuracy"] < 0.5 and flat["correct"] == 0.0
+    assert set(perfect["per_attribute"]) == {"background", "color", "shape", "size", "position"}
+    assert min(perfect["per_attribute"].values()) >= 0.9 and flat["per_attribute"]["color"] < 0.5
     with pytest.raises(ValueError, match="no held-out captions"):
         evaluate.prompt_faithfulness(RenderingPipe(heldout_lines), heldout_lines, kinds=("audio",))
 

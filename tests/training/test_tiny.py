@@ -26,7 +26,19 @@ def test_build_base_and_package(tmp_path):
     assert out.images[0].shape == (64, 64, 3)
 
     # the shipped form: bfloat16 weights (about half the bytes), call defaults, same outputs up to bf16 rounding
-    sizes = package(folder, str(tmp_path / "shipped"))
+    from PIL import Image
+
+    from cosmos3.robotics.policy import PolicyConfig
+
+    PolicyConfig(embodiment="libero", action_dim=4, chunk_size=8, resolution_tier=64, fps=80.0).save(folder)
+    Image.new("RGB", (64, 64)).save(tmp_path / "frame.png")
+    examples = {"t2i": ["a red circle"], "world_action": [{"image": str(tmp_path / "frame.png"), "instruction": "go"}]}
+    sizes = package(folder, str(tmp_path / "shipped"), policy={"num_inference_steps": 10}, examples=examples)
+    assert PolicyConfig.load(str(tmp_path / "shipped")).num_inference_steps == 10
+    from cosmos3.demo import _model_examples
+
+    shipped_examples = _model_examples(str(tmp_path / "shipped"))
+    assert shipped_examples["world_action"][0]["image"] == str(tmp_path / "shipped" / "examples" / "frame.png")
     assert set(sizes) == {"transformer", "vae"} and sum(sizes.values()) < 30e6
     assert read_call_defaults(str(tmp_path / "shipped")) == TINY_CALL_DEFAULTS
     shipped = Cosmos3TextToImagePipeline.from_pretrained(str(tmp_path / "shipped"), dtype=torch.float32)
