@@ -147,3 +147,77 @@ def package(pipeline_dir: str, out_dir: str, *, call_defaults: dict[str, Any] | 
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return sizes
+
+
+# The demo's examples for the shipped folder: held-out-style captions and a MetaWorld frame per task.
+TINY_T2I_EXAMPLES = [
+    "a large red circle on the left and a small blue square on the right of a white background",
+    "a yellow star at the top of a black background",
+    "a picture of a large green triangle at the bottom, gray background",
+]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m cosmos3.training.tiny shapes|base|package ...`: the steps of the Cosmos3-Tiny recipe around
+    `cosmos3 collect`, the VAE trainer, `cosmos3 train` and `cosmos3 distill` (README, "Cosmos3-Tiny")."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m cosmos3.training.tiny", description=main.__doc__)
+    sub = parser.add_subparsers(dest="step", required=True)
+    s = sub.add_parser("shapes", help="the captioned synthetic scenes (images and clips) and the caption file")
+    s.add_argument("--out", required=True)
+    s.add_argument("--images", type=int, default=4000)
+    s.add_argument("--videos", type=int, default=800)
+    s.add_argument("--size", type=int, default=64)
+    b = sub.add_parser("base", help="the untrained starting folder around a trained VAE")
+    b.add_argument("--vae", required=True)
+    b.add_argument("--out", required=True)
+    p = sub.add_parser("package", help="the shippable bf16 folder from a trained pipeline folder")
+    p.add_argument("--pipeline", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--policy-steps", type=int, default=10, help="denoising steps per policy chunk")
+    p.add_argument("--example-frames", default=None, help="a LeRobot dataset: its first frame per task becomes a "
+                   "world-action example of the demo")
+    args = parser.parse_args(argv)
+    if args.step == "shapes":
+        from .synthetic import write_folder_dataset
+
+        root = write_folder_dataset(args.out, args.images, args.videos, size=args.size)
+        print(json.dumps({"folder": root, "captions": write_caption_file(root)}))
+    elif args.step == "base":
+        print(json.dumps({"folder": build_base(args.out, args.vae)}))
+    else:
+        import tempfile
+
+        examples: dict[str, Any] = {"t2i": TINY_T2I_EXAMPLES, "world_action": []}
+        with tempfile.TemporaryDirectory() as scratch:
+            if args.example_frames:
+                examples["world_action"] = _first_frames(args.example_frames, scratch)
+            sizes = package(args.pipeline, args.out, policy={"num_inference_steps": args.policy_steps},
+                            examples=examples)
+        print(json.dumps({"folder": args.out, "safetensors_bytes": sizes, "total_bytes": sum(sizes.values())}))
+
+
+def _first_frames(root: str, scratch: str) -> list[dict[str, str]]:
+    """The first frame of the first episode of each task of a LeRobot dataset, as PNGs in `scratch`."""
+    from PIL import Image
+
+    from .datasets import LeRobotDataset
+    from .encode import tile_cameras
+
+    data = LeRobotDataset(root, clip_frames=1, stride=10**9, action_key=None, state_key=None)
+    out, seen = [], set()
+    for i in range(len(data)):
+        sample = data[i]
+        if sample["task"] in seen:
+            continue
+        seen.add(sample["task"])
+        path = os.path.join(scratch, f"task{len(out)}.png")
+        Image.fromarray(tile_cameras(sample["frames"], None)[0]).save(path)
+        out.append({"image": path, "instruction": sample["task"]})
+    return out
+
+
+if __name__ == "__main__":
+    main()
