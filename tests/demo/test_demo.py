@@ -394,9 +394,13 @@ def _artifacts() -> Path:
     return folder
 
 
-def test_demo_in_a_real_browser(demo_model_folder, tmp_path):
-    """Serve `demos/app.py` as a user would, check what the server exposes, then drive the page in headless
-    Chromium: an empty prompt gives a short error, a prompt gives an image; a screenshot is kept as an artifact."""
+def test_demo_in_a_real_browser(tmp_path):
+    """Serve `demos/app.py` as a user would (no `--model`: the shipped Cosmos3-Tiny), check what the server exposes,
+    then drive the page in headless Chromium: an empty prompt gives a short error, a prompt gives an image that
+    follows it; a screenshot is kept as an artifact."""
+    from cosmos3.demo import default_model_folder
+    from cosmos3.training.synthetic import detect
+
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -410,15 +414,15 @@ def test_demo_in_a_real_browser(demo_model_folder, tmp_path):
     env.update(HF_HUB_OFFLINE="1", GRADIO_TEMP_DIR=str(tmp_path / "gradio"))
     log = tmp_path / "server.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(REPO / "demos" / "app.py"), "--model", str(demo_model_folder),
-                                 "--port", str(port), "--device", "cpu"], stdout=out, stderr=subprocess.STDOUT,
-                                env=env, cwd=tmp_path)
+        proc = subprocess.Popen([sys.executable, str(REPO / "demos" / "app.py"), "--port", str(port), "--device",
+                                 "cpu"], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
         config = _wait_for_server(proc, url, log, timeout=90)
         assert config["analytics_enabled"] is False
         assert config["max_file_size"] == 10 * 1024 * 1024
         assert _listening_addresses(port) == {"127.0.0.1"}, "the demo must listen on loopback only"
-        for path in ("/etc/passwd", str(demo_model_folder / "model_index.json")):  # no allowed_paths: not served
+        model_index = os.path.join(default_model_folder(), "model_index.json")
+        for path in ("/etc/passwd", model_index):  # no allowed_paths: not served
             assert _status(f"{url}/gradio_api/file={urllib.parse.quote(path)}") in (403, 404)
 
         # Direct API calls skip the page's sliders: gradio refuses values past a slider's range, the handler what
@@ -455,7 +459,7 @@ def test_demo_in_a_real_browser(demo_model_folder, tmp_path):
                 page.get_by_text("Prompt is empty").first.wait_for(timeout=15_000)
                 assert "Traceback" not in page.content()
 
-                page.locator("#t2i-prompt textarea").fill("a red cube on a wooden table")
+                page.locator("#t2i-prompt textarea").fill("a large red circle on the left of a white background")
                 page.locator("#t2i-run").click()
                 image = page.locator("#t2i-image img").first
                 image.wait_for(timeout=30_000)
@@ -463,11 +467,13 @@ def test_demo_in_a_real_browser(demo_model_folder, tmp_path):
                                        timeout=15_000)
                 src = image.get_attribute("src")
                 assert src and src.startswith(url), src
-                assert image.evaluate("el => [el.naturalWidth, el.naturalHeight]") == [256, 256]  # CPU default size
+                # the model's call_defaults.json size, and the picture follows the prompt's background
+                assert image.evaluate("el => [el.naturalWidth, el.naturalHeight]") == [64, 64]
                 with urllib.request.urlopen(src, timeout=5) as response:
                     served = tmp_path / "served.png"
                     served.write_bytes(response.read())
-                assert Image.open(served).size == (256, 256)
+                assert Image.open(served).size == (64, 64)
+                assert detect(Image.open(served))["background"] == "white"
                 page.screenshot(path=str(_artifacts() / "demo.png"), full_page=True)
                 assert not outside, f"the page reached outside this machine: {outside}"
             finally:

@@ -61,3 +61,39 @@ def test_tokenizer_is_deterministic_and_compact():
     text = "a large red circle on the left of a blue background"
     assert a(text)["input_ids"] == b(text)["input_ids"]
     assert len(a(text)["input_ids"]) <= 16  # captions tokenize into whole words
+
+
+def test_the_shipped_model(tmp_path, capsys):
+    """cosmos3/assets/cosmos3-tiny: within its size budget, the default of `cosmos3 generate`, follows prompts'
+    backgrounds (always right on the held-out captions when it was measured), and runs as a policy."""
+    import json
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from cosmos3.cli import main
+    from cosmos3.demo import default_model_folder
+    from cosmos3.robotics.policy import Cosmos3Policy
+    from cosmos3.training.synthetic import detect
+    from cosmos3.training.vae import safetensors_bytes
+
+    folder = default_model_folder()
+    total = sum(safetensors_bytes(os.path.join(folder, part)) for part in ("transformer", "vae"))
+    assert total <= 30 * 2**20
+    for i, (prompt, background) in enumerate((("a large red circle on the left of a white background", "white"),
+                                              ("a small yellow star at the top of a black background", "black"),
+                                              ("a blue background with a large green square", "blue"))):
+        out = tmp_path / f"{i}.png"
+        main(["generate", "--task", "t2i", "--prompt", prompt, "--out", str(out), "--seed", str(i)])
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"out": str(out)}
+        image = Image.open(out)
+        assert image.size == (64, 64) and detect(image)["background"] == background, prompt
+
+    policy = Cosmos3Policy.from_pretrained(folder, device="cpu")
+    with open(os.path.join(folder, "demo_examples.json")) as f:
+        example = json.load(f)["world_action"][0]
+    frame = np.asarray(Image.open(os.path.join(folder, example["image"])).convert("RGB"))
+    chunk = policy.predict_action_chunk({"observation.images.corner2": frame, "task": example["instruction"]})
+    # MetaWorld units (deltas and gripper in [-1, 1]; the environment clips what goes past)
+    assert chunk.shape == (8, 4) and np.isfinite(chunk).all() and np.abs(chunk).max() < 2.0
