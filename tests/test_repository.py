@@ -17,7 +17,6 @@ def test_ci_runs_the_readme_commands():
 def test_shipped_recipes_are_valid():
     """configs/*.toml pass the same up-front validation `cosmos3 train` runs (keys, types, values)."""
     import glob
-
     import tomllib
 
     from cosmos3.training.recipes import read_distill_recipe, read_train_recipe
