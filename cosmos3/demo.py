@@ -731,6 +731,17 @@ class DemoApp:
         def seed_box(elem_id: str):
             return gr.Number(value=0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id=elem_id)
 
+        def sampling_controls(tab: str):
+            """Output size, steps, guidance and seed rows (text to image, image to video)."""
+            with gr.Row():
+                height = gr.Slider(16, side, value=d.height, step=16, label="Height", elem_id=f"{tab}-height")
+                width = gr.Slider(16, side, value=d.width, step=16, label="Width", elem_id=f"{tab}-width")
+            with gr.Row():
+                steps = steps_slider(d.steps, f"{tab}-steps")
+                guidance = guidance_slider(d.guidance, f"{tab}-guidance")
+                seed = seed_box(f"{tab}-seed")
+            return height, width, steps, guidance, seed
+
         def unavailable(tab: str) -> bool:
             if self.unavailable[tab] is None:
                 return False
@@ -747,13 +758,7 @@ class DemoApp:
                                             elem_id="t2i-prompt")
                         negative = gr.Textbox(label="Negative prompt", max_length=lim.max_prompt_chars,
                                               elem_id="t2i-negative")
-                        with gr.Row():
-                            height = gr.Slider(16, side, value=d.height, step=16, label="Height", elem_id="t2i-height")
-                            width = gr.Slider(16, side, value=d.width, step=16, label="Width", elem_id="t2i-width")
-                        with gr.Row():
-                            steps = steps_slider(d.steps, "t2i-steps")
-                            guidance = guidance_slider(d.guidance, "t2i-guidance")
-                            seed = seed_box("t2i-seed")
+                        height, width, steps, guidance, seed = sampling_controls("t2i")
                         button = gr.Button("Generate", variant="primary", elem_id="t2i-run")
                     with gr.Column():
                         image_out = gr.Image(label="Image", format="png", interactive=False, elem_id="t2i-image")
@@ -780,13 +785,7 @@ class DemoApp:
                             frames = gr.Slider(5, 1 + (lim.max_frames - 1) // 4 * 4, value=d.frames, step=4,
                                                label="Frames", elem_id="i2v-frames")
                             fps = gr.Slider(1, lim.max_fps, value=min(24.0, lim.max_fps), step=1, label="FPS")
-                        with gr.Row():
-                            height = gr.Slider(16, side, value=d.height, step=16, label="Height")
-                            width = gr.Slider(16, side, value=d.width, step=16, label="Width")
-                        with gr.Row():
-                            steps = steps_slider(d.steps, "i2v-steps")
-                            guidance = guidance_slider(d.guidance, "i2v-guidance")
-                            seed = seed_box("i2v-seed")
+                        height, width, steps, guidance, seed = sampling_controls("i2v")
                         button = gr.Button("Generate video", variant="primary", elem_id="i2v-run")
                     with gr.Column():
                         video_out = gr.Video(label="Video", interactive=False, elem_id="i2v-video")

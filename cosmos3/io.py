@@ -987,6 +987,30 @@ def _atomic_output(path: str) -> Iterator[str]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
+    """A new empty folder next to `path` to write into; when the body completes it takes the place of `path` (an
+    old `path` is moved aside first, then deleted), so readers see the old folder or the complete new one, never
+    half of one. On an error the new folder is removed and `path` is left as it was."""
+    path = os.path.normpath(os.fspath(path))
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=parent)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a written folder should look like any other
+        if os.path.exists(path):
+            trash = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)
+            os.replace(path, os.path.join(trash, "old"))
+            os.replace(tmp, path)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _add_audio_stream(container: Any, codec: str, channels: int, rate: int) -> Any:
     stream = container.add_stream(codec, rate=rate, layout=_LAYOUTS[channels])
     rates = stream.codec_context.codec.audio_rates

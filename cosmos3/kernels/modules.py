@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.attention import gen_attention
 from ..models.transformer_cosmos3 import (
     Cosmos3Attention,
     Cosmos3MLP,
@@ -71,11 +70,7 @@ class FusedCosmos3MLP(Cosmos3MLP):
 
 
 class FusedCosmos3Attention(Cosmos3Attention):
-    """`Cosmos3Attention` with each q/k norm + RoPE chain in one kernel.
-
-    `_text_qkv` and `forward_gen` mirror the parent's bodies line for line, with `apply_rope(norm(x))` replaced;
-    tests/kernels/test_modules.py holds the two to the same outputs.
-    """
+    """`Cosmos3Attention` with each q/k norm + RoPE chain (`_norm_rope`) in one kernel."""
 
     def _norm_rope(self, norm: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         if isinstance(norm, nn.Identity):
@@ -84,30 +79,6 @@ class FusedCosmos3Attention(Cosmos3Attention):
         if kind is None or not _fusable(x, norm.weight, cos, sin):
             return apply_rope(norm(x), cos, sin)
         return rms_norm_rope(x, norm.weight, cos, sin, eps=norm.eps, kind=kind)
-
-    def _text_qkv(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        cos, sin = rope
-        q = self._norm_rope(self.norm_q, self.to_q(x).view(-1, self.num_heads, self.head_dim), cos, sin)
-        k_proj = self.to_k(x).view(-1, self.num_kv_heads, self.head_dim)  # [Nu, Hkv, D]
-        k = self._norm_rope(self.norm_k, k_proj, cos, sin)
-        v = self.to_v(x).view(-1, self.num_kv_heads, self.head_dim)
-        if self.k_norm_und_for_gen is None:
-            return q, k, v, k
-        # The generation tower's extra norm applies on top of the text key norm (an identity wherever it exists).
-        k_for_gen = self._norm_rope(self.k_norm_und_for_gen, self.norm_k(k_proj), cos, sin)
-        return q, k, v, k_for_gen
-
-    def forward_gen(
-        self, x: Tensor, text_kv: tuple[Tensor, Tensor], rope: tuple[Tensor, Tensor], layout, backend: str
-    ) -> Tensor:
-        cos, sin = rope
-        q = self._norm_rope(self.norm_added_q, self.add_q_proj(x).view(-1, self.num_heads, self.head_dim), cos, sin)
-        k = self._norm_rope(
-            self.norm_added_k, self.add_k_proj(x).view(-1, self.num_kv_heads, self.head_dim), cos, sin
-        )
-        v = self.add_v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-        out = gen_attention(q, text_kv[0], text_kv[1], k, v, layout, backend)  # [Ng, H, D]
-        return self.to_add_out(out.flatten(1))
 
 
 _NORM_KIND = {

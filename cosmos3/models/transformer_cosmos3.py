@@ -282,15 +282,21 @@ class Cosmos3Attention(nn.Module):
         self.norm_added_q = _norm(norm_kind, d, config.rms_norm_eps)
         self.norm_added_k = _norm(norm_kind, d, config.rms_norm_eps)
 
+    def _norm_rope(self, norm: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        # one method for the q/k chain, so cosmos3.kernels can fuse it by overriding this alone
+        return apply_rope(norm(x), cos, sin)
+
     def _text_qkv(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Text-tower queries, keys, values, and the keys as generated tokens read them (all after norm and RoPE)."""
         cos, sin = rope
-        q = self.norm_q(self.to_q(x).view(-1, self.num_heads, self.head_dim))  # [Nu, H, D]
-        k = self.norm_k(self.to_k(x).view(-1, self.num_kv_heads, self.head_dim))  # [Nu, Hkv, D]
+        q = self._norm_rope(self.norm_q, self.to_q(x).view(-1, self.num_heads, self.head_dim), cos, sin)  # [Nu, H, D]
+        k_proj = self.to_k(x).view(-1, self.num_kv_heads, self.head_dim)  # [Nu, Hkv, D]
+        k = self._norm_rope(self.norm_k, k_proj, cos, sin)
         v = self.to_v(x).view(-1, self.num_kv_heads, self.head_dim)  # [Nu, Hkv, D]
-        k_for_gen = self.k_norm_und_for_gen(k) if self.k_norm_und_for_gen is not None else None
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_for_gen = apply_rope(k_for_gen, cos, sin) if k_for_gen is not None else k
+        if self.k_norm_und_for_gen is None:
+            return q, k, v, k
+        # the generation tower's extra key norm applies on top of the text key norm
+        k_for_gen = self._norm_rope(self.k_norm_und_for_gen, self.norm_k(k_proj), cos, sin)
         return q, k, v, k_for_gen
 
     def forward_und(
@@ -322,10 +328,9 @@ class Cosmos3Attention(nn.Module):
     ) -> Tensor:
         """Generated tokens over `[text K/V ‖ gen K/V]` of their sample. Returns `[Ng, hidden]`."""
         cos, sin = rope
-        q = self.norm_added_q(self.add_q_proj(x).view(-1, self.num_heads, self.head_dim))  # [Ng, H, D]
-        k = self.norm_added_k(self.add_k_proj(x).view(-1, self.num_kv_heads, self.head_dim))  # [Ng, Hkv, D]
+        q = self._norm_rope(self.norm_added_q, self.add_q_proj(x).view(-1, self.num_heads, self.head_dim), cos, sin)
+        k = self._norm_rope(self.norm_added_k, self.add_k_proj(x).view(-1, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.add_v_proj(x).view(-1, self.num_kv_heads, self.head_dim)  # [Ng, Hkv, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = gen_attention(q, text_kv[0], text_kv[1], k, v, layout, backend)  # [Ng, H, D]
         return self.to_add_out(out.flatten(1))
 

@@ -151,44 +151,42 @@ def collect(
 
     start = time.monotonic()
     summaries: list[dict[str, Any]] = []
-    writer = None
     kept = 0
     try:
-        for spec in specs:
-            with make_env(spec, **options) as env:
-                policy = make_expert(env, expert)
-                features = {**env.features, **STEP_FEATURES}
-                if writer is None:
-                    writer = LeRobotDatasetWriter(out_dir, fps=env.fps, features=features,
-                                                  robot_type=env.robot_type, video_codec=video_codec)
-                    writer.__enter__()  # on an error, the episodes saved so far are finalized (see finally)
-                elif writer._check_features(features) != writer.features or float(env.fps) != float(writer.fps):
-                    raise ValueError(f"`env_spec` {spec!r} records other features or fps than {specs[0]!r}; one "
-                                     "dataset holds environments with the same observations and actions.")
-                env_start = time.monotonic()
-                seeds, failed, lengths = _collect_env(env, policy, writer, episodes, seed, max_attempts, progress)
-                kept += len(seeds)
-                summaries.append({
-                    "env": env.name, "requested": episodes, "episodes": len(seeds),
-                    "attempts": len(seeds) + len(failed), "failed_attempts": len(failed),
-                    "complete": len(seeds) == episodes, "frames": int(sum(lengths)), "seeds": seeds,
-                    "failed_seeds": failed, "episode_lengths": lengths,
-                    "success_rate": len(seeds) / (len(seeds) + len(failed)), "task": env.task, "fps": env.fps,
-                    "embodiment": env.embodiment, "robot_type": env.robot_type, "cameras": list(env.cameras),
-                    "image_size": list(env.image_size), "conventions": asdict(env.conventions),
-                    "max_episode_steps": env.max_episode_steps, "seconds": round(time.monotonic() - env_start, 3),
-                })  # fmt: skip
-        if not kept:
-            raise RuntimeError(f"None of the attempts in {', '.join(specs)} succeeded; nothing was written.")
-    except BaseException as error:
-        if writer is not None:
-            writer.__exit__(type(error), error, error.__traceback__)
+        # the writer, once opened, closes with the stack: on an error the episodes saved so far are finalized
+        with contextlib.ExitStack() as stack:
             writer = None
+            for spec in specs:
+                with make_env(spec, **options) as env:
+                    policy = make_expert(env, expert)
+                    features = {**env.features, **STEP_FEATURES}
+                    if writer is None:
+                        writer = stack.enter_context(LeRobotDatasetWriter(
+                            out_dir, fps=env.fps, features=features, robot_type=env.robot_type,
+                            video_codec=video_codec))
+                    elif writer._check_features(features) != writer.features or float(env.fps) != float(writer.fps):
+                        raise ValueError(f"`env_spec` {spec!r} records other features or fps than {specs[0]!r}; one "
+                                         "dataset holds environments with the same observations and actions.")
+                    env_start = time.monotonic()
+                    seeds, failed, lengths = _collect_env(env, policy, writer, episodes, seed, max_attempts, progress)
+                    kept += len(seeds)
+                    summaries.append({
+                        "env": env.name, "requested": episodes, "episodes": len(seeds),
+                        "attempts": len(seeds) + len(failed), "failed_attempts": len(failed),
+                        "complete": len(seeds) == episodes, "frames": int(sum(lengths)), "seeds": seeds,
+                        "failed_seeds": failed, "episode_lengths": lengths,
+                        "success_rate": len(seeds) / (len(seeds) + len(failed)), "task": env.task, "fps": env.fps,
+                        "embodiment": env.embodiment, "robot_type": env.robot_type, "cameras": list(env.cameras),
+                        "image_size": list(env.image_size), "conventions": asdict(env.conventions),
+                        "max_episode_steps": env.max_episode_steps, "seconds": round(time.monotonic() - env_start, 3),
+                    })  # fmt: skip
+            if not kept:
+                raise RuntimeError(f"None of the attempts in {', '.join(specs)} succeeded; nothing was written.")
+    except BaseException:
         if not kept and created:
             with contextlib.suppress(OSError):
                 os.rmdir(out_dir)
         raise
-    writer.__exit__(None, None, None)
     if len(summaries) == 1:
         summary = {**summaries[0], "expert": expert, "out_dir": out_dir}
     else:

@@ -28,11 +28,7 @@ import numpy as np
 import torch
 
 from . import synthetic
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+from .vae import psnr
 
 
 def _to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -129,9 +125,9 @@ def forward_dynamics_psnr(pipe, normalizer, data_root: str | os.PathLike, *, num
                 video = torch.from_numpy(real).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
                 round_trip = postprocess_video(tokenizer.decode(tokenizer.encode(video.to(pipe.vae.dtype))))[0]
             future = slice(1, None)  # frame 0 is the conditioning frame
-            model_psnr.append(_psnr(predicted[future], real[future]))
-            hold_psnr.append(_psnr(np.broadcast_to(real[:1], real[future].shape), real[future]))
-            vae_psnr.append(_psnr(round_trip[future], real[future]))
+            model_psnr.append(psnr(predicted[future], real[future]))
+            hold_psnr.append(psnr(np.broadcast_to(real[:1], real[future].shape), real[future]))
+            vae_psnr.append(psnr(round_trip[future], real[future]))
             per_task.setdefault(sample["task"], []).append(model_psnr[-1])
     return {"clips": len(model_psnr), "psnr": float(np.mean(model_psnr)), "hold_first_frame_psnr":
             float(np.mean(hold_psnr)), "vae_round_trip_psnr": float(np.mean(vae_psnr)),

@@ -15,6 +15,7 @@ import shutil
 import torch
 from torch import Tensor
 
+from ..io import atomic_directory
 from ..models.transformer_cosmos3 import Cosmos3Transformer
 from . import checkpoint, lora
 from .trainer import save_transformer
@@ -32,15 +33,13 @@ def export_pipeline(base: str, state: dict[str, Tensor], out_dir: str, extra_fil
         raise ValueError(f"{base!r} is not a pipeline folder: {config_path} is missing.")
     with open(config_path) as f:
         config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-    tmp = out_dir.rstrip("/") + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(base, tmp, ignore=lambda folder, names: [TRANSFORMER] if os.path.samefile(folder, base) else [])
-    save_transformer(config, state, os.path.join(tmp, TRANSFORMER))
-    for name, content in (extra_files or {}).items():
-        with open(os.path.join(tmp, name), "w") as f:
-            json.dump(content, f, indent=2)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with atomic_directory(out_dir) as tmp:
+        shutil.copytree(base, tmp, ignore=lambda folder, names: [TRANSFORMER] if os.path.samefile(folder, base) else [],
+                        dirs_exist_ok=True)
+        save_transformer(config, state, os.path.join(tmp, TRANSFORMER))
+        for name, content in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(content, f, indent=2)
     return out_dir
 
 

@@ -50,8 +50,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -309,10 +307,7 @@ def write_folder_dataset(
         raise ValueError(f"`frames` must be 1 + 4k (the VAE's temporal factor), got {frames}.")
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir!r} exists and is not empty; pass overwrite=True to replace it.")
-    parent = os.path.dirname(out_dir) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".partial", dir=parent)
-    try:
+    with media.atomic_directory(out_dir) as tmp:
         lines = []
         for kind, count in (("image", n_images), ("video", n_videos)):
             if count:
@@ -343,24 +338,7 @@ def write_folder_dataset(
                     "n_heldout": n_heldout, "heldout_fraction": HELDOUT_FRACTION}
         with open(os.path.join(tmp, "dataset.json"), "w", encoding="utf-8") as f:
             json.dump(settings, f, indent=2)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
-        if os.path.exists(out_dir):
-            trash = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".old", dir=parent)
-            os.replace(out_dir, os.path.join(trash, "old"))
-            os.replace(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def render_heldout(line: dict[str, Any], size: int = 64, frames: int = 9) -> np.ndarray:

@@ -19,6 +19,8 @@ import os
 import shutil
 from typing import Any
 
+from ..io import atomic_directory
+
 TINY_TRANSFORMER_CONFIG: dict[str, Any] = dict(
     hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
     head_dim=64, vocab_size=1024, rope_axes_dim=[12, 10, 10], rope_theta=10000.0, action_gen=True, action_dim=64,
@@ -76,11 +78,8 @@ def build_base(out_dir: str, vae_dir: str, seed: int = 0) -> str:
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     pipe = Cosmos3WorldActionPipeline(transformer=model, text_tokenizer=tokenizer, vae=vae, scheduler=scheduler,
                                       default_use_system_prompt=False)
-    tmp = out_dir.rstrip("/") + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with atomic_directory(out_dir) as tmp:
+        pipe.save_pretrained(tmp)
     return out_dir
 
 
@@ -115,37 +114,34 @@ def package(pipeline_dir: str, out_dir: str, *, call_defaults: dict[str, Any] | 
     import torch
     from safetensors.torch import load_file, save_file
 
-    tmp = out_dir.rstrip("/") + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(pipeline_dir, tmp)
-    sizes: dict[str, int] = {}
-    for root, _, files in os.walk(tmp):
-        for name in files:
-            path = os.path.join(root, name)
-            if name.endswith(".safetensors"):
-                tensors = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous()
-                           for k, v in load_file(path).items()}
-                save_file(tensors, path, metadata={"format": "pt"})
-                part = os.path.relpath(root, tmp)
-                sizes[part] = sizes.get(part, 0) + os.path.getsize(path)
-    with open(os.path.join(tmp, "call_defaults.json"), "w") as f:
-        json.dump(call_defaults or TINY_CALL_DEFAULTS, f, indent=2)
-    if policy:
-        from ..robotics.policy import PolicyConfig
+    with atomic_directory(out_dir) as tmp:
+        shutil.copytree(pipeline_dir, tmp, dirs_exist_ok=True)
+        sizes: dict[str, int] = {}
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                path = os.path.join(root, name)
+                if name.endswith(".safetensors"):
+                    tensors = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous()
+                               for k, v in load_file(path).items()}
+                    save_file(tensors, path, metadata={"format": "pt"})
+                    part = os.path.relpath(root, tmp)
+                    sizes[part] = sizes.get(part, 0) + os.path.getsize(path)
+        with open(os.path.join(tmp, "call_defaults.json"), "w") as f:
+            json.dump(call_defaults or TINY_CALL_DEFAULTS, f, indent=2)
+        if policy:
+            from ..robotics.policy import PolicyConfig
 
-        config = PolicyConfig.load(tmp)
-        PolicyConfig(**{**config.__dict__, **policy}).save(tmp)
-    if examples:
-        examples = json.loads(json.dumps(examples))
-        os.makedirs(os.path.join(tmp, "examples"), exist_ok=True)
-        for entry in examples.get("world_action", []):
-            name = os.path.basename(entry["image"])
-            shutil.copy(entry["image"], os.path.join(tmp, "examples", name))
-            entry["image"] = f"examples/{name}"
-        with open(os.path.join(tmp, "demo_examples.json"), "w") as f:
-            json.dump(examples, f, indent=2)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+            config = PolicyConfig.load(tmp)
+            PolicyConfig(**{**config.__dict__, **policy}).save(tmp)
+        if examples:
+            examples = json.loads(json.dumps(examples))
+            os.makedirs(os.path.join(tmp, "examples"), exist_ok=True)
+            for entry in examples.get("world_action", []):
+                name = os.path.basename(entry["image"])
+                shutil.copy(entry["image"], os.path.join(tmp, "examples", name))
+                entry["image"] = f"examples/{name}"
+            with open(os.path.join(tmp, "demo_examples.json"), "w") as f:
+                json.dump(examples, f, indent=2)
     return sizes
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -457,17 +456,14 @@ class _PairTransform:
 
 def save_transformer(config: dict, state: dict[str, Tensor], out_dir: str) -> str:
     """Save `state` as a `Cosmos3Transformer` folder at `out_dir`, atomically (written aside, then renamed)."""
-    import shutil
+    from ..io import atomic_directory
 
     model = Cosmos3Transformer.from_config(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"cannot export: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]} keys.")
-    tmp = out_dir.rstrip("/") + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp)
     return out_dir
 
 

@@ -39,8 +39,6 @@ import argparse
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -210,8 +208,9 @@ def _first_camera(sample: dict[str, Any]) -> np.ndarray:
 
 
 def _canvas_uint8(frames: np.ndarray, size: int, action_canvas) -> np.ndarray:
-    canvas = action_canvas(list(frames), size, len(frames))[0][0]  # [3, T, H, W] in [-1, 1]
-    return ((canvas.permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    from ..tokenizers.vision import postprocess_video
+
+    return postprocess_video(action_canvas(list(frames), size, len(frames))[0])[0]  # [T, H, W, 3]
 
 
 def to_video_tensor(frames: np.ndarray) -> Tensor:
@@ -473,24 +472,11 @@ def set_latent_statistics(vae, images: np.ndarray, clips: np.ndarray) -> tuple[l
 
 def save_vae(vae, out_dir: str | os.PathLike) -> str:
     """`vae.save_pretrained(out_dir)`, atomically: written to a sibling temporary folder, then renamed into place."""
-    out_dir = os.path.normpath(os.fspath(out_dir))
-    parent = os.path.dirname(out_dir) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".partial", dir=parent)
-    try:
+    from ..io import atomic_directory
+
+    with atomic_directory(out_dir) as tmp:
         vae.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)
-        if os.path.exists(out_dir):
-            old = tmp[: -len(".partial")] + ".old"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return os.path.normpath(os.fspath(out_dir))
 
 
 # ---------------------------------------------------------------------------------------------------------- evaluation
