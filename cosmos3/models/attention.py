@@ -187,6 +187,10 @@ def _check_varlen_inputs(q: Tensor) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# Not traced by torch.compile: the dispatch branches on the layout's Python metadata (lengths, padding), which
+# would specialize a compiled layer to each prompt length. A compiled layer breaks its graph here and fuses what
+# is around (see cosmos3.optimize.compile_regions).
+@torch.compiler.disable
 def und_attention(q: Tensor, k: Tensor, v: Tensor, layout: Cosmos3Layout, backend: str = "native") -> Tensor:
     """Causal attention within each sample's text. q `[Nu, H, D]`, k/v `[Nu, Hkv, D]` -> `[Nu, H, D]`."""
     if backend == "native":
@@ -204,6 +208,7 @@ def und_attention(q: Tensor, k: Tensor, v: Tensor, layout: Cosmos3Layout, backen
     raise ValueError(f"Unknown attention backend {backend!r}; valid: {list(ATTENTION_BACKENDS)}.")
 
 
+@torch.compiler.disable
 def gen_attention(
     q: Tensor, k_und: Tensor, v_und: Tensor, k_gen: Tensor, v_gen: Tensor, layout: Cosmos3Layout,
     backend: str = "native",

@@ -340,6 +340,25 @@ class Cosmos3Layout:
 
         return self.cached(("pad", stream), device, make)
 
+    def domain_groups(self, name: str, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+        """`(domain [1], rows [n])` on `device` for each embodiment domain in the layout's `name` ids
+        (`action_domain_ids` or `action_noisy_domain_ids`): grouped here, on the host, once per layout, so that the
+        action projections run without a device-to-host sync (and can be captured in a CUDA graph)."""
+
+        def make():
+            ids = getattr(self, name)
+            return [(domain.view(1).to(device), (ids == domain).nonzero().squeeze(1).to(device))
+                    for domain in ids.unique()]
+
+        return self.cached(("domain_groups", name), device, make)
+
+    def index_of(self, rows: list[int], device: torch.device) -> Tensor | slice:
+        """`rows` as an index on `device`: a slice when consecutive, else a cached tensor (never a per-call
+        host-to-device copy)."""
+        if rows and rows == list(range(rows[0], rows[-1] + 1)):
+            return slice(rows[0], rows[-1] + 1)
+        return self.cached(("rows", tuple(rows)), device, lambda: torch.tensor(rows, dtype=torch.long, device=device))
+
     def joint_key_index(self, device: torch.device) -> Tensor:
         """Order of `cat([und_keys, gen_keys])` that puts each sample's `[und_b ‖ gen_b]` keys side by side."""
 

@@ -176,20 +176,21 @@ class DomainAwareLinear(nn.Module):
         self.fc = nn.Embedding(num_domains, input_size * output_size)
         self.bias = nn.Embedding(num_domains, output_size)
 
-    def forward(self, x: Tensor, domain_ids: Tensor) -> Tensor:
+    def forward(self, x: Tensor, groups: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """`x [N, in]` -> `[N, out]`; `groups` partitions the rows by domain: `(domain [1], rows)` pairs on x's
+        device (from `Cosmos3Layout.domain_groups`, or `domain_groups(ids)`)."""
         # Tokens of one domain share one matmul, rather than gathering an [in, out] matrix per token. The tables
         # are read through their modules so that hooks (layerwise casting, offloading) see the access.
-        domains = domain_ids.unique()
-        weights = self.fc(domains).view(-1, self.input_size, self.output_size)  # [U, in, out]
-        biases = self.bias(domains)  # [U, out]
-        out = None
-        for i, domain in enumerate(domains.tolist()):
-            rows = (domain_ids == domain).nonzero().squeeze(1)
-            y = x[rows] @ weights[i] + biases[i]
-            if out is None:
-                out = y.new_empty(x.shape[0], self.output_size)
-            out[rows] = y
-        return out if out is not None else x.new_zeros(0, self.output_size)  # no tokens (all clean)
+        out = x.new_zeros(x.shape[0], self.output_size)
+        for domain, rows in groups:
+            weight = self.fc(domain).view(self.input_size, self.output_size)  # [in, out]
+            out = out.index_put((rows,), (x[rows] @ weight + self.bias(domain)).to(out.dtype))
+        return out
+
+
+def domain_groups(domain_ids: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """`(domain [1], rows)` for each domain in `domain_ids [N]` (`DomainAwareLinear`'s `groups`)."""
+    return [(d.view(1), (domain_ids == d).nonzero().squeeze(1)) for d in domain_ids.unique()]
 
 
 class Cosmos3TimestepEmbedding(nn.Module):
@@ -640,8 +641,8 @@ class Cosmos3Transformer(ModelMixin, ConfigMixin, CacheMixin):
             hidden[layout.to_device("sound_index", device)] = sound_tokens.to(hidden.dtype)
         if layout.action_index.numel():
             tokens = torch.cat([a.to(device, dtype) for a in action_list if a is not None])  # [Na, action_dim]
-            domains = layout.to_device("action_domain_ids", device)
-            action_tokens = self.action_proj_in(tokens, domains) + self.action_modality_embed
+            groups = layout.domain_groups("action_domain_ids", device)
+            action_tokens = self.action_proj_in(tokens, groups) + self.action_modality_embed
             hidden[layout.to_device("action_index", device)] = action_tokens.to(hidden.dtype)
 
         # 2. Timestep embeddings on noisy tokens only (clean conditioning tokens carry none).
@@ -672,7 +673,7 @@ class Cosmos3Transformer(ModelMixin, ConfigMixin, CacheMixin):
         if layout.action_index.numel():
             action_pred = self.action_proj_out(
                 hidden[layout.to_device("action_noisy_index", device)],
-                layout.to_device("action_noisy_domain_ids", device),
+                layout.domain_groups("action_noisy_domain_ids", device),
             )
             chunks = torch.split(action_pred, [len(n) for n in layout.action_noisy_tokens])
             action_out = []
@@ -681,7 +682,7 @@ class Cosmos3Transformer(ModelMixin, ConfigMixin, CacheMixin):
                     action_out.append(None)
                     continue
                 full = chunk.new_zeros(x.shape)
-                full[noisy] = chunk
+                full[layout.index_of(noisy, device)] = chunk
                 action_out.append(full)
 
         if not isinstance(vision, list):
@@ -705,7 +706,7 @@ class Cosmos3Transformer(ModelMixin, ConfigMixin, CacheMixin):
             C, _, H, W = x.shape
             n = len(noisy) * h * w
             full = pred.new_zeros(C, T, H, W)
-            full[:, noisy] = unpatchify(pred[start : start + n], (C, len(noisy), H, W), p)
+            full[:, layout.index_of(noisy, pred.device)] = unpatchify(pred[start : start + n], (C, len(noisy), H, W), p)
             outputs.append(full)
             start += n
         return outputs

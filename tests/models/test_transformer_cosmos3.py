@@ -349,19 +349,39 @@ def test_state_dict_names_equal_reference():
         assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}, name
 
 
-def test_compile_repeated_blocks_fullgraph():
-    """Regional compilation (diffusers `compile_repeated_blocks`) compiles each layer without graph breaks."""
+def test_compile_repeated_blocks_survives_new_prompt_lengths():
+    """Regional compilation (diffusers `compile_repeated_blocks`) matches eager, and a new request (other prompt
+    lengths, batch size, video shape) reuses the compiled layers instead of recompiling them: the attention dispatch,
+    which reads the layout's Python metadata, is kept out of the graphs."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
     model = make_model("sound_action")
     cfg = model.config
-    samples = [make_sample(cfg, text_len=n, vision_shape=(2, 2, 4), seed=n) for n in (4, 9)]
-    layout = model.build_layout(samples)
-    latents = torch.randn(2, cfg.latent_channel, 2, 2, 4)
-    with torch.no_grad():
+
+    def run(lengths, vision_shape):
+        samples = [make_sample(cfg, text_len=n, vision_shape=vision_shape, seed=n) for n in lengths]
+        layout = model.build_layout(samples)
+        latents = torch.randn(len(lengths), cfg.latent_channel, *vision_shape)
         cache = model.encode_text(layout)
-        eager = model(layout, latents, 300.0, text_kv_cache=cache).sample
-        model.compile_repeated_blocks(fullgraph=True)
-        compiled = model(layout, latents, 300.0, text_kv_cache=cache).sample
-    assert max_diff(eager, compiled) <= 1e-5
+        return model(layout, latents, 300.0, text_kv_cache=cache).sample
+
+    # the first three vary every size (prompt lengths, batch, video shape), which makes them dynamic
+    requests = [((4, 9), (2, 2, 4)), ((5, 7, 6), (3, 2, 4)), ((6, 3), (2, 4, 2)), ((11, 2), (2, 2, 6)),
+                ((3, 8, 5), (1, 2, 4)), ((7, 7, 2, 9), (2, 4, 4))]
+    with torch.no_grad():
+        torch.manual_seed(0)
+        eager = [run(*r) for r in requests]
+        model.compile_repeated_blocks()
+        torch.manual_seed(0)
+        compiled = [run(*r) for r in requests[:3]]
+        graphs = counters["stats"]["unique_graphs"]
+        compiled += [run(*r) for r in requests[3:]]
+    for a, b in zip(eager, compiled):
+        assert max_diff(a, b) <= 1e-5
+    # the first requests settle which sizes are dynamic; later ones compile nothing new (sizes of 1 would:
+    # torch.compile specializes them)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_layout_used_under_inference_mode_still_trains():
