@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..models.layout import Cosmos3Sample
 from ..models.transformer_cosmos3 import Cosmos3Transformer
+from ..optimize import CUDAGraphStep, offload_text_tower
 from ..tokenizers.sound import Cosmos3SoundTokenizer
 from ..tokenizers.text import PromptSettings, encode_prompts
 from ..tokenizers.vision import Cosmos3VisionTokenizer
@@ -228,6 +229,48 @@ class Cosmos3PipelineBase(DiffusionPipeline):
         return self._num_timesteps
 
     # ---------------------------------------------------------------------------------------------------------
+    # Speed and memory switches (see cosmos3.optimize)
+    # ---------------------------------------------------------------------------------------------------------
+
+    def enable_cuda_graphs(self, enabled: bool = True, *, capture: bool = True) -> None:
+        """Replay each denoising step from a CUDA graph captured at the request's first step.
+
+        Worth it where launches dominate: few-step (distilled) sampling and action chunks. The captured step is kept
+        while requests repeat the same prompts and shapes (a policy's control loop), which then also skip the text
+        tower. `capture=False` runs the same path without a graph (for testing on CPU).
+        """
+        self._cuda_graphs = bool(enabled)
+        self._graph_capture = bool(capture)
+        self._graph_step = None
+
+    def enable_text_tower_offload(self, offload_device: str | torch.device = "cpu") -> None:
+        """Keep the understanding tower in host memory, streamed to the GPU module by module when a request's text
+        cache is built (`cosmos3.optimize.offload_text_tower`). Call after moving the pipeline to its device."""
+        self.disable_text_tower_offload()
+        self._text_offload = offload_text_tower(self.transformer, offload_device)
+
+    def disable_text_tower_offload(self) -> None:
+        if getattr(self, "_text_offload", None) is not None:
+            self._text_offload.remove()
+        self._text_offload = None
+
+    def _step_runner(self, layout, vision: Tensor, sound: Tensor | None, action: Tensor | None):
+        """The captured step for this request: the previous one when the layout (prompts, shapes, conditioning) and
+        inputs are the same, else a new capture (with its own text cache)."""
+        if vision.device.type != "cuda" and self._graph_capture:
+            raise ValueError(f"CUDA graphs are enabled but the pipeline runs on {vision.device}; call "
+                             "enable_cuda_graphs(False) or move the pipeline to a GPU.")
+        key = (repr(layout.samples), self.transformer.attention_backend,
+               *((None, None) if x is None else (tuple(x.shape), x.dtype, x.device) for x in (vision, sound, action)))
+        if self._graph_step is None or self._graph_step[0] != key:
+            self._graph_step = None  # free the old graph's memory pool before capturing
+            text_kv = self.transformer.encode_text(layout)
+            step = CUDAGraphStep(self.transformer, layout, text_kv, vision, sound, action,
+                                 capture=self._graph_capture)
+            self._graph_step = (key, step)
+        return self._graph_step[1]
+
+    # ---------------------------------------------------------------------------------------------------------
     # Pieces the task pipelines use
     # ---------------------------------------------------------------------------------------------------------
 
@@ -380,7 +423,14 @@ class Cosmos3PipelineBase(DiffusionPipeline):
         if cfg:
             samples += [sample(r, r.uncond_ids) for r in requests]
         layout = self.transformer.build_layout(samples, temporal_compression=int(self.vae.config.scale_factor_temporal))
-        text_kv = self.transformer.encode_text(layout)
+        repeat = 2 if cfg else 1
+        runner = None
+        if getattr(self, "_cuda_graphs", False):
+            runner = self._step_runner(layout, latents.to(dtype).repeat(repeat, 1, 1, 1, 1),
+                                       None if sound is None else sound.to(dtype).repeat(repeat, 1, 1),
+                                       None if action is None else action.to(dtype).repeat(repeat, 1, 1))
+        else:
+            text_kv = self.transformer.encode_text(layout)
 
         # 3. Steps.
         distilled = bool(self.config.distilled_sigmas)
@@ -399,19 +449,22 @@ class Cosmos3PipelineBase(DiffusionPipeline):
         sound_scheduler = copy.deepcopy(self.scheduler) if sound is not None else None
         action_scheduler = copy.deepcopy(self.scheduler) if action is not None else None
         self._num_timesteps = len(timesteps)
-        repeat = 2 if cfg else 1
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
                 vision_in = latents.to(dtype).repeat(repeat, 1, 1, 1, 1)
                 sound_in = sound.to(dtype).repeat(repeat, 1, 1) if sound is not None else None
                 action_in = action.to(dtype).repeat(repeat, 1, 1) if action is not None else None
-                out = self.transformer(layout, vision_in, t.item(), sound=sound_in, action=action_in,
-                                       text_kv_cache=text_kv)
-                v = out.sample.float()
-                v_sound = out.sound.float() if sound is not None else None
+                if runner is not None:
+                    # the graph's outputs are overwritten by the next replay: the scheduler gets its own copy
+                    out = [None if o is None else o.clone() for o in runner(vision_in, t, sound_in, action_in)]
+                else:
+                    out = self.transformer(layout, vision_in, t.item(), sound=sound_in, action=action_in,
+                                           text_kv_cache=text_kv, return_dict=False)
+                v = out[0].float()
+                v_sound = out[1].float() if sound is not None else None
                 v_action = None
                 if action is not None:
-                    v_action = out.action.float().masked_fill(padded.repeat(repeat, 1, 1), 0.0)
+                    v_action = out[2].float().masked_fill(padded.repeat(repeat, 1, 1), 0.0)
                 if cfg:
                     v = v[B:] + guidance_scale * (v[:B] - v[B:])
                     if v_sound is not None:
