@@ -59,7 +59,8 @@ def main() -> None:
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     parts = dict(transformer=model, text_tokenizer=tokenizer, vae=make_tiny_vae().to(device), scheduler=scheduler)
     reference = Cosmos3OmniPipeline(**{**parts, "transformer": reference_transformer(model).to(device),
-                                       "scheduler": copy.deepcopy(scheduler)}, enable_safety_checker=False)
+                                       "scheduler": copy.deepcopy(scheduler),
+                                       "vae": copy.deepcopy(parts["vae"])}, enable_safety_checker=False)
     pipes = {cls: cls(**parts) for cls in (Cosmos3TextToImagePipeline, Cosmos3TextToVideoPipeline,
                                            Cosmos3ImageToVideoPipeline, Cosmos3WorldActionPipeline)}
     for p in [reference, *pipes.values()]:

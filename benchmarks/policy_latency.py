@@ -55,7 +55,8 @@ def main() -> None:
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
     parts = dict(transformer=model, text_tokenizer=tokenizer, vae=vae, scheduler=scheduler)
     reference = Cosmos3OmniPipeline(**{**parts, "transformer": reference_transformer(model).to(device, dtype),
-                                       "scheduler": copy.deepcopy(scheduler)}, enable_safety_checker=False)
+                                       "scheduler": copy.deepcopy(scheduler),
+                                       "vae": copy.deepcopy(parts["vae"])}, enable_safety_checker=False)
     reference.set_progress_bar_config(disable=True)
     frame = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
     observation = {"observation.images.exterior": frame, "task": INSTRUCTION}

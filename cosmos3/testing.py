@@ -49,13 +49,28 @@ def make_tiny_avae(seed: int = 0):
     ).eval()
 
 
-def reference_transformer(model: Cosmos3Transformer):
-    """A `diffusers.Cosmos3OmniTransformer` with the same config and weights (loaded strictly)."""
+def reference_transformer(model: Cosmos3Transformer, share_weights: bool = False):
+    """A `diffusers.Cosmos3OmniTransformer` with the same config and weights (loaded strictly).
+
+    `share_weights=True` builds it without weights of its own: its parameters are `model`'s tensors (same device,
+    no copy), so a Nano-sized pair fits on one GPU. Do not train or quantize either model then.
+    """
     from diffusers import Cosmos3OmniTransformer
 
     init = {k: v for k, v in model.config.items() if not k.startswith("_")}
-    reference = Cosmos3OmniTransformer(**init).to(model.dtype)
-    reference.load_state_dict(model.state_dict(), strict=True)
+    if not share_weights:
+        reference = Cosmos3OmniTransformer(**init).to(model.dtype)
+        reference.load_state_dict(model.state_dict(), strict=True)
+        return reference.eval()
+    with torch.device("meta"):
+        reference = Cosmos3OmniTransformer(**init)
+    reference.load_state_dict(model.state_dict(), strict=True, assign=True)
+    # its one buffer outside the state dict, from a one-layer twin
+    twin = Cosmos3OmniTransformer(**dict(init, num_hidden_layers=1))
+    reference.rotary_emb.inv_freq = twin.rotary_emb.inv_freq.to(model.proj_in.weight.device)
+    leftover = [name for name, t in [*reference.named_parameters(), *reference.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"reference_transformer(share_weights=True) left tensors unset: {leftover}")
     return reference.eval()
 
 

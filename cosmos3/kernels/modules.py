@@ -1,9 +1,9 @@
 """Fused drop-ins for the transformer's modules, swapped in from outside the model file.
 
-`apply_fused_kernels(model)` re-classes each `Cosmos3RMSNorm`, `Cosmos3NemotronRMSNorm`, `Cosmos3MLP` and
-`Cosmos3Attention` in place to a subclass whose forward calls the kernels; parameters, buffers, hooks and the
-state dict are untouched, and `remove_fused_kernels` restores the eager classes. Nothing global changes: other
-models, and the model file's own functions, stay eager.
+`apply_fused_kernels(model)` re-classes each `Cosmos3RMSNorm`, `Cosmos3NemotronRMSNorm`, `Cosmos3MLP`,
+`Cosmos3Attention` and `Cosmos3TimestepEmbedding` in place to a subclass whose forward calls the kernels;
+parameters, buffers, hooks and the state dict are untouched, and `remove_fused_kernels` restores the eager classes.
+Nothing global changes: other models, and the model file's own functions, stay eager.
 
 The kernels are forward-only, so under autograd (grad enabled and a tensor requiring grad) and for dtypes they do
 not take (float64) the fused modules run the eager code; without Triton, or on CPU with the interpreter off, the
@@ -21,11 +21,13 @@ from ..models.transformer_cosmos3 import (
     Cosmos3MLP,
     Cosmos3NemotronRMSNorm,
     Cosmos3RMSNorm,
+    Cosmos3TimestepEmbedding,
     apply_rope,
 )
 from ._triton import SUPPORTED_DTYPES
 from .glu import silu_glu
 from .norm_rope import rms_norm, rms_norm_rope
+from .timestep import add_timestep_embedding
 
 
 def _fusable(*tensors: Tensor) -> bool:
@@ -81,6 +83,16 @@ class FusedCosmos3Attention(Cosmos3Attention):
         return rms_norm_rope(x, norm.weight, cos, sin, eps=norm.eps, kind=kind)
 
 
+class FusedCosmos3TimestepEmbedding(Cosmos3TimestepEmbedding):
+    """The timestep-embedding add over the packed gen stream in one pass (`add_timestep_embedding`)."""
+
+    def add_to(self, hidden: Tensor, t: Tensor, index: Tensor, sample_ids: Tensor) -> Tensor:
+        temb = self(t).to(hidden.dtype)  # [B, D]
+        if not _fusable(hidden, temb):
+            return hidden.index_add(0, index, temb[sample_ids[index]])
+        return add_timestep_embedding(hidden, temb, index, sample_ids)
+
+
 _NORM_KIND = {
     Cosmos3RMSNorm: "rms",
     FusedCosmos3RMSNorm: "rms",
@@ -92,6 +104,7 @@ _FUSED = {
     Cosmos3NemotronRMSNorm: FusedCosmos3NemotronRMSNorm,
     Cosmos3MLP: FusedCosmos3MLP,
     Cosmos3Attention: FusedCosmos3Attention,
+    Cosmos3TimestepEmbedding: FusedCosmos3TimestepEmbedding,
 }
 _EAGER = {fused: eager for eager, fused in _FUSED.items()}
 

@@ -7,8 +7,7 @@ Fused, the stream is read once and written once, and each token reads its sample
 which stay in cache). Only a `[N]` per-token count is built on the side, which also keeps `index_add`'s meaning
 for repeated rows (added once per occurrence).
 
-The model's forward performs this add inline, so `apply_fused_kernels` cannot reach it from outside the model file;
-the kernel is ready for `hidden = add_timestep_embedding(hidden, temb, index, gen_sample_ids)` there.
+The model performs this add in `Cosmos3TimestepEmbedding.add_to`, which `apply_fused_kernels` overrides with it.
 """
 
 from __future__ import annotations

@@ -209,6 +209,12 @@ class Cosmos3TimestepEmbedding(nn.Module):
         features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1).to(self.linear_1.weight.dtype)
         return self.linear_2(F.silu(self.linear_1(features)))
 
+    def add_to(self, hidden: Tensor, t: Tensor, index: Tensor, sample_ids: Tensor) -> Tensor:
+        """`hidden [N, D]` with each sample's embedding of `t [B]` added to rows `index` of the packed gen stream
+        (`sample_ids [N]`: the sample of each row). A method of its own so cosmos3.kernels can fuse the add."""
+        temb = self(t).to(hidden.dtype)  # [B, D]
+        return hidden.index_add(0, index, temb[sample_ids[index]])
+
 
 class Cosmos3RotaryEmbedding(nn.Module):
     """Interleaved 3D mRoPE: frequency slot j rotates with the H ids if j % 3 == 1 (first 3*h_dim slots), with the
@@ -650,8 +656,7 @@ class Cosmos3Transformer(ModelMixin, ConfigMixin, CacheMixin):
                         ("action_noisy_index", t_action)):
             index = layout.to_device(name, device)
             if index.numel():
-                temb = self.time_embedder(t * self.config.timestep_scale).to(hidden.dtype)  # [B, hidden]
-                hidden = hidden.index_add(0, index, temb[gen_sample_ids[index]])
+                hidden = self.time_embedder.add_to(hidden, t * self.config.timestep_scale, index, gen_sample_ids)
 
         # 3. The layers: the generation tower reads each layer's text keys/values, from the cache or computed
         #    alongside (training, or a one-off call).

@@ -10,10 +10,11 @@ changes: other VAEs, and diffusers' functions, stay as they are. The outputs equ
   the input) before an unpadded `F.conv3d`. On CPU, ATen runs that convolution on its slow unfold+matmul fallback
   (`slow_conv3d_forward`) for a batch of one with few channels (`N*C*D*H <= 20480`, and always for 1x1 spatial
   kernels on one thread) -- the whole of a small VAE's per-frame decode loop. Here only the time dim is built by
-  hand (zeros, cache and input in one `torch.cat`), the spatial zero padding is the convolution's own, and on CPU
-  float32 tensors with a spatial kernel the oneDNN convolution (`torch.mkldnn_convolution`, which has a backward)
-  is called directly. Elsewhere (CUDA, half precision, 1x1 spatial kernels, oneDNN disabled, autocast) it is
-  `F.conv3d`, which picks its own backend.
+  hand (zeros, cache and input in one `torch.cat`), and for CPU float32 tensors, a spatial kernel and weights of
+  at most 512x512x27 the oneDNN convolution (`torch.mkldnn_convolution`, which has a backward) is called directly,
+  padding space itself (faster than padding first). Otherwise (CUDA, half precision, 1x1 spatial kernels, bigger
+  weights, oneDNN disabled, autocast) `F.conv3d` picks its backend: on CUDA it pads space itself, on CPU it gets
+  `F.pad`'s output as in diffusers (CPU bfloat16 oneDNN is slower padding itself).
 * `FastWanRMS_norm`: diffusers' `F.normalize(x, dim=1) * scale * gamma + bias` reduces over the channel dim with
   `linalg_vector_norm`, which on CPU is slow for a reduction over a non-innermost dim, then makes four more full
   passes (divide, scale, gamma, a `+ 0.0` bias). Here `x * (gamma * scale) * inv`, with `inv = rsqrt(max(sum(x^2
@@ -32,6 +33,9 @@ from torch import Tensor, nn
 
 _NORMALIZE_EPS = 1e-12  # F.normalize's default, which WanRMS_norm uses
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Weights up to 512x512x3x3x3 ran faster on oneDNN than on ATen's slow path at every input size measured (one
+# thread, 1.03x-9x); a 1024x1024x3x3x3 one (113 MB) on a 4x7 input ran 3x slower there, so ATen keeps those.
+_MKLDNN_MAX_WEIGHT = 512 * 512 * 27
 
 
 def _needs_grad(*tensors: Tensor) -> bool:
@@ -39,8 +43,8 @@ def _needs_grad(*tensors: Tensor) -> bool:
 
 
 def _use_mkldnn(x: Tensor, weight: Tensor) -> bool:
-    """Whether to call the oneDNN convolution directly: CPU float32 dense tensors, a spatial kernel, oneDNN on, no
-    autocast (which would have cast `F.conv3d`'s inputs)."""
+    """Whether to call the oneDNN convolution directly: CPU float32 dense tensors, a spatial kernel, weights of at
+    most `_MKLDNN_MAX_WEIGHT`, oneDNN on, no autocast (which would have cast `F.conv3d`'s inputs)."""
     return (
         x.device.type == "cpu"
         and weight.device.type == "cpu"
@@ -48,10 +52,16 @@ def _use_mkldnn(x: Tensor, weight: Tensor) -> bool:
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and tuple(weight.shape[-2:]) != (1, 1)  # ATen's choice for 1x1 spatial kernels is the faster one on 1 thread
+        and weight.numel() <= _MKLDNN_MAX_WEIGHT  # bigger: oneDNN's per-call weight reorder can cost more than it saves
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
         and not torch.is_autocast_enabled("cpu")
     )
+
+
+def _pads_inside(x: Tensor) -> bool:
+    """Whether `F.conv3d` gets the spatial zero padding as its own argument (cuDNN pads inside the kernel)."""
+    return x.device.type == "cuda"
 
 
 def _inverse_norm(x: Tensor, cpu_reduction: bool) -> Tensor:
@@ -88,12 +98,16 @@ class FastWanCausalConv3d(WanCausalConv3d):
             x = torch.cat(parts, dim=2)
         if pad_t < 0:  # F.pad crops with a negative pad; diffusers never gets here, but keep its meaning
             x = x[:, :, -pad_t:]
-        padding = [0, pad_h, pad_w]
         if _use_mkldnn(x, self.weight):
+            padding = [0, pad_h, pad_w]
             return torch.mkldnn_convolution(
                 x.contiguous(), self.weight, self.bias, padding, list(self.stride), list(self.dilation), self.groups
             )
-        return F.conv3d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        if _pads_inside(x):
+            return F.conv3d(x, self.weight, self.bias, self.stride, (0, pad_h, pad_w), self.dilation, self.groups)
+        if pad_h or pad_w:  # CPU bfloat16 oneDNN and ATen's slow path are no faster with the conv's own padding
+            x = F.pad(x, (pad_w, pad_w, pad_h, pad_h))
+        return F.conv3d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
 class FastWanRMS_norm(WanRMS_norm):  # noqa: N801 (diffusers' name, suffixed)

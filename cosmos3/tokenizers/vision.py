@@ -20,8 +20,11 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKLWan
 from PIL import Image
 from torch import Tensor
+
+from .fast_wan import accelerate_wan_vae
 
 
 def patchify(latent: Tensor, patch_size: int = 2) -> Tensor:
@@ -109,6 +112,10 @@ class Cosmos3VisionTokenizer:
     """Pixels <-> normalized latents with a diffusers `AutoencoderKLWan` (Wan 2.2 layout: `patch_size=2`)."""
 
     def __init__(self, vae):
+        if isinstance(vae, AutoencoderKLWan):
+            # Same outputs, faster convolutions and norms (cosmos3.tokenizers.fast_wan), for every user of the VAE
+            # through this class: pipelines, training data, evaluation. In place: `restore_wan_vae(vae)` undoes it.
+            accelerate_wan_vae(vae)
         self.vae = vae
         self.spatial_factor = int(vae.config.scale_factor_spatial)
         self.temporal_factor = int(vae.config.scale_factor_temporal)

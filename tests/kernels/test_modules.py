@@ -6,14 +6,21 @@ import pytest
 import torch
 
 from cosmos3 import Cosmos3Sample, Cosmos3Transformer
-from cosmos3.kernels import apply_fused_kernels, glu, modules, norm_rope, remove_fused_kernels
+from cosmos3.kernels import apply_fused_kernels, glu, modules, norm_rope, remove_fused_kernels, timestep
 from cosmos3.kernels.modules import (
     FusedCosmos3Attention,
     FusedCosmos3MLP,
     FusedCosmos3NemotronRMSNorm,
     FusedCosmos3RMSNorm,
+    FusedCosmos3TimestepEmbedding,
 )
-from cosmos3.models.transformer_cosmos3 import Cosmos3Attention, Cosmos3MLP, Cosmos3NemotronRMSNorm, Cosmos3RMSNorm
+from cosmos3.models.transformer_cosmos3 import (
+    Cosmos3Attention,
+    Cosmos3MLP,
+    Cosmos3NemotronRMSNorm,
+    Cosmos3RMSNorm,
+    Cosmos3TimestepEmbedding,
+)
 from cosmos3.testing import randomize_
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)  # "keep time_embedder in fp32" on .to(dtype)
@@ -53,7 +60,7 @@ def flat(output):
 @pytest.fixture
 def count_calls(monkeypatch):
     """Count the fused modules' kernel calls, and make any eager fallback inside a wrapper an error."""
-    calls = {"rms_norm": 0, "rms_norm_rope": 0, "silu_glu": 0}
+    calls = {"rms_norm": 0, "rms_norm_rope": 0, "silu_glu": 0, "add_timestep_embedding": 0}
 
     def counted(name, fn):
         def wrapper(*args, **kwargs):
@@ -69,6 +76,7 @@ def count_calls(monkeypatch):
     monkeypatch.setattr(norm_rope, "rms_norm_reference", fail)
     monkeypatch.setattr(norm_rope, "rms_norm_rope_reference", fail)
     monkeypatch.setattr(glu, "silu_glu_reference", fail)
+    monkeypatch.setattr(timestep, "add_timestep_embedding_reference", fail)
     return calls
 
 
@@ -86,6 +94,8 @@ def test_fused_model_matches_eager(variant, dtype, count_calls, device, kernels_
     assert count_calls["rms_norm"] == layers * towers * 2 + 1
     assert count_calls["rms_norm_rope"] == layers * (towers * 2 + (variant == "edge"))
     assert count_calls["silu_glu"] == (0 if variant == "edge" else layers * towers)
+    noisy = [layout.vision_noisy_index, layout.sound_noisy_index, layout.action_noisy_index]
+    assert count_calls["add_timestep_embedding"] == sum(index.numel() > 0 for index in noisy) >= 2
     for name, expected in eager.items():
         assert expected.abs().max() > 0.5  # not a comparison of zeros
         torch.testing.assert_close(fused[name], expected, atol=TOL[dtype], rtol=TOL[dtype])
@@ -157,11 +167,11 @@ def test_apply_and_remove_swap_classes_in_place():
     model = make_model("qwen")
     state = {k: v.clone() for k, v in model.state_dict().items()}
     counts = {cls: sum(type(m) is cls for m in model.modules())
-              for cls in (Cosmos3RMSNorm, Cosmos3MLP, Cosmos3Attention)}
+              for cls in (Cosmos3RMSNorm, Cosmos3MLP, Cosmos3Attention, Cosmos3TimestepEmbedding)}
     assert apply_fused_kernels(model) is model
     apply_fused_kernels(model)  # idempotent
     fused = {cls: sum(type(m) is cls for m in model.modules())
-             for cls in (FusedCosmos3RMSNorm, FusedCosmos3MLP, FusedCosmos3Attention)}
+             for cls in (FusedCosmos3RMSNorm, FusedCosmos3MLP, FusedCosmos3Attention, FusedCosmos3TimestepEmbedding)}
     assert list(fused.values()) == list(counts.values())
     assert not any(type(m) in counts for m in model.modules())
     assert model.state_dict().keys() == state.keys()

@@ -16,7 +16,8 @@ def components(tiny_tokenizer):
     parts = dict(transformer=model, text_tokenizer=tiny_tokenizer, vae=make_tiny_vae(), scheduler=scheduler,
                  sound_tokenizer=make_tiny_avae())
     reference = Cosmos3OmniPipeline(
-        **{**parts, "transformer": reference_transformer(model), "scheduler": copy.deepcopy(scheduler)},
+        **{**parts, "transformer": reference_transformer(model), "scheduler": copy.deepcopy(scheduler),
+           "vae": copy.deepcopy(parts["vae"])},  # diffusers' own VAE: ours accelerates its copy in place
         enable_safety_checker=False,
     )
     reference.set_progress_bar_config(disable=True)

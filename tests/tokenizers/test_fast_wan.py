@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
 
+from cosmos3.tokenizers import fast_wan
 from cosmos3.tokenizers.fast_wan import (
     FastWanCausalConv3d,
     FastWanRMS_norm,
@@ -41,13 +42,33 @@ def pair(tiny_vae):
     return tiny_vae, accelerate_wan_vae(copy.deepcopy(tiny_vae))
 
 
-@pytest.mark.parametrize("mkldnn", [True, False], ids=["onednn", "conv3d"])
-def test_encode_decode_match_diffusers(pair, mkldnn):
+PATHS = ["onednn", "conv3d", "conv3d-pads-inside"]
+
+
+@pytest.fixture
+def conv_path(request, monkeypatch):
+    """Which convolution the fast causal conv runs: oneDNN directly (counted), or F.conv3d padded first (as on CPU
+    without oneDNN) or with its own padding (as on CUDA)."""
+    calls = []
+    mkldnn_convolution = torch.mkldnn_convolution
+    monkeypatch.setattr(torch, "mkldnn_convolution", lambda *a: calls.append(1) or mkldnn_convolution(*a))
+    if request.param != "onednn":
+        monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    if request.param == "conv3d-pads-inside":
+        monkeypatch.setattr(fast_wan, "_pads_inside", lambda x: True)
+    yield request.param, calls
+    assert request.param == "onednn" or not calls
+
+
+@pytest.mark.parametrize("conv_path", PATHS, indirect=True)
+def test_encode_decode_match_diffusers(pair, conv_path):
     reference, fast = pair
     x, z = video(), randn(1, 8, 3, 4, 6)
-    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=mkldnn):
+    with torch.no_grad():
         assert_close(fast.encode(x).latent_dist.parameters, reference.encode(x).latent_dist.parameters)
         assert_close(fast.decode(z).sample, reference.decode(z).sample)
+    path, onednn_calls = conv_path
+    assert bool(onednn_calls) == (path == "onednn")
 
 
 def test_bfloat16_is_close(pair):
@@ -85,7 +106,8 @@ def test_gradients_match_diffusers(pair):
         (1, 0, 1, 2),  # a shortcut: no time padding, so the cache is ignored
     ],
 )
-def test_causal_conv_matches_diffusers(kernel, padding, stride, cache_frames):
+@pytest.mark.parametrize("conv_path", PATHS, indirect=True)
+def test_causal_conv_matches_diffusers(kernel, padding, stride, cache_frames, conv_path):
     torch.manual_seed(0)
     conv = WanCausalConv3d(4, 6, kernel, stride=stride, padding=padding)
     fast = copy.deepcopy(conv)
@@ -99,6 +121,8 @@ def test_causal_conv_matches_diffusers(kernel, padding, stride, cache_frames):
     for actual, expected in zip(outs[1], outs[0]):
         assert actual.shape == expected.shape
         assert_close(actual, expected)
+    path, onednn_calls = conv_path
+    assert bool(onednn_calls) == (path == "onednn" and conv.kernel_size[1:] != (1, 1))  # 1x1: ATen's choice
 
 
 @pytest.mark.parametrize("images,bias", [(False, False), (True, True)])
@@ -166,3 +190,23 @@ def test_swap_is_idempotent_restorable_and_keeps_the_state_dict(tiny_vae):
 def test_rejects_what_is_not_a_wan_vae(fn, model):
     with pytest.raises(TypeError, match="AutoencoderKLWan"):
         fn(model)
+
+
+def test_big_weights_stay_on_aten(monkeypatch):
+    """Above `_MKLDNN_MAX_WEIGHT` the conv leaves the backend to ATen (oneDNN's weight reorder costs too much)."""
+    calls = []
+    mkldnn_convolution = torch.mkldnn_convolution
+    monkeypatch.setattr(torch, "mkldnn_convolution", lambda *a: calls.append(1) or mkldnn_convolution(*a))
+    torch.manual_seed(0)
+    conv = WanCausalConv3d(4, 6, 3, padding=1)
+    fast = copy.deepcopy(conv)
+    fast.__class__ = FastWanCausalConv3d
+    x = randn(1, 4, 3, 5, 7)
+    monkeypatch.setattr(fast_wan, "_MKLDNN_MAX_WEIGHT", conv.weight.numel() - 1)
+    with torch.no_grad():
+        assert_close(fast(x), conv(x))
+    assert not calls
+    monkeypatch.setattr(fast_wan, "_MKLDNN_MAX_WEIGHT", conv.weight.numel())
+    with torch.no_grad():
+        fast(x)
+    assert calls or not torch.backends.mkldnn.is_available()

@@ -104,7 +104,7 @@ def capture(pipeline_class, parts, *args, **kwargs):
     pipe.set_progress_bar_config(disable=True)
     seen = {}
 
-    def forward(layout, vision, timestep, sound=None, action=None, text_kv_cache=None):
+    def forward(layout, vision, timestep, sound=None, action=None, text_kv_cache=None, return_dict=True):
         seen.update(layout=layout, vision=vision.float(), action=None if action is None else action.float())
         raise Captured
 

@@ -1,13 +1,17 @@
 """Fused kernels against their eager references, same inputs, same run: seconds per call, the ratio, and the
 effective memory bandwidth of the fused kernel (bytes each must read and write once / time).
 
-    python benchmarks/kernels.py --device cuda --dtype bfloat16              # Nano-shaped rows (GPU)
-    python benchmarks/kernels.py --device cuda --dtype bfloat16 --tokens 18720 --hidden 4096 --heads 32 --kv-heads 8
+    python benchmarks/fused_kernels.py --device cuda --dtype bfloat16              # Nano-shaped rows (GPU)
+    python benchmarks/fused_kernels.py --device cuda --dtype bfloat16 --tokens 18720 --hidden 4096 \
+        --heads 32 --kv-heads 8
 
 Shapes default to one Cosmos3-Nano layer at text-to-video 480p (18,720 generation tokens, hidden 4096, 32 query /
 8 KV heads of 128, MLP 12288). On CPU the kernels only run under Triton's interpreter (slow by design, for
 testing), so this script refuses `--device cpu` unless `--allow-cpu` is given, where both columns are eager code.
 Every row first checks that the fused output equals the reference within the dtype's tolerance.
+
+Not named kernels.py: a `kernels` module on the path makes transformers believe the Hugging Face `kernels`
+package is installed, and importing diffusers then fails.
 """
 
 from __future__ import annotations
@@ -75,7 +79,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu" and not args.allow_cpu:
-        parser.exit(2, "benchmarks/kernels.py: the fused kernels need a GPU (see the docstring); pass --device cuda\n")
+        parser.exit(2, "benchmarks/fused_kernels.py: the fused kernels need a GPU (see the docstring); "
+                       "pass --device cuda\n")
     dtype = getattr(torch, args.dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, {args.dtype}, {args.tokens} tokens, hidden {args.hidden}, heads {args.heads}/"
