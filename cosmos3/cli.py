@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--videos", type=int, default=2, help="episodes to record as mp4")
     r.add_argument("--out", required=True, help="folder for eval_info.json and videos")
     r.add_argument("--device", default=None)
+    r.add_argument("--cuda-graphs", action="store_true", help="replay each denoising step from a CUDA graph (GPU)")
     from .robotics.collect import _env_option_arg, _image_size_arg
 
     r.add_argument("--image-size", type=_image_size_arg, default=None,
@@ -94,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
         add_serve_arguments(s)
         s.add_argument("--device", default=None)
         s.add_argument("--steps", type=int, default=None, help="denoising steps (policy default)")
+        s.add_argument("--cuda-graphs", action="store_true",
+                       help="replay each denoising step from a CUDA graph (GPU; captured at the first chunk)")
     return parser
 
 
@@ -219,7 +222,16 @@ def _make_policy(path: str, args: argparse.Namespace):
     if not os.path.isdir(path):
         _fail(f"--policy {path!r} is not a folder")
     overrides = {"num_inference_steps": args.steps} if getattr(args, "steps", None) else {}
-    return Cosmos3Policy.from_pretrained(path, device=args.device, **overrides)
+    return _with_cuda_graphs(Cosmos3Policy.from_pretrained(path, device=args.device, **overrides), args)
+
+
+def _with_cuda_graphs(policy, args: argparse.Namespace):
+    if getattr(args, "cuda_graphs", False):
+        device = policy.pipeline.transformer.device
+        if device.type != "cuda":
+            _fail(f"--cuda-graphs needs a CUDA device; the policy runs on {device}")
+        policy.pipeline.enable_cuda_graphs()
+    return policy
 
 
 def rollout(args: argparse.Namespace) -> dict:
@@ -245,6 +257,7 @@ def rollout(args: argparse.Namespace) -> dict:
         overrides = {k: v for k, v in (("n_action_steps", args.n_action_steps), ("num_inference_steps", args.steps))
                      if v is not None}
         policy = Cosmos3Policy.from_pretrained(args.policy, device=args.device, seed=args.seed, **overrides)
+        policy = _with_cuda_graphs(policy, args)
     return run(policy, args.env, args.episodes, seed=args.seed, num_envs=args.num_envs, max_steps=args.max_steps,
                out_dir=args.out, videos=args.videos, env_options=env_options)
 

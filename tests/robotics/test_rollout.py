@@ -28,6 +28,13 @@ def test_pusht_rollout_with_the_cli(tiny_policy_folder, tmp_path, capsys):
     assert len(info["video_paths"]) == 1 and os.path.getsize(info["video_paths"][0]) > 0
 
 
+def test_cuda_graphs_flag_needs_a_gpu(tiny_policy_folder, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["rollout", "--env", "pusht", "--policy", str(tiny_policy_folder), "--episodes", "1",
+              "--out", str(tmp_path / "eval"), "--device", "cpu", "--cuda-graphs"])
+    assert "--cuda-graphs needs a CUDA device; the policy runs on cpu" in capsys.readouterr().err
+
+
 def test_metaworld_rollout_is_reproducible(tiny_policy_folder):
     pipe = Cosmos3WorldActionPipeline.from_pretrained(str(tiny_policy_folder))
     config = PolicyConfig(embodiment="libero", action_dim=4, chunk_size=4, n_action_steps=4, num_inference_steps=2,
