@@ -121,8 +121,8 @@ def _describe(value) -> str:
 
 
 def text_tower_modules(model: Cosmos3Transformer) -> list[nn.Module]:
-    """The understanding tower's weight-bearing modules, in execution order, less the token embedding (which sets
-    the device the text stream starts on) and the final norm/`lm_head` of text decoding."""
+    """The understanding tower's weight-bearing modules in execution order, then the final text norm and `lm_head`
+    (used only to decode text). The token embedding stays: its device is where the text stream starts."""
     if not isinstance(model, Cosmos3Transformer):
         raise TypeError(f"`model` must be a Cosmos3Transformer, got {type(model).__name__}.")
     modules = []
