@@ -202,7 +202,8 @@ def build_pipelines(args, preset: str):
     """Our pipelines and the reference's, on one random checkpoint (the reference transformer shares its weights)."""
     tokenizer = build_tiny_tokenizer()
     if args.size == "full":
-        vae = AutoencoderKLWan(**WAN22_VAE)
+        with torch.device(args.device):  # built and randomized where it runs (705M parameters)
+            vae = AutoencoderKLWan(**WAN22_VAE)
         randomize_(vae, std=0.02)
     else:
         vae = make_tiny_vae()

@@ -15,11 +15,16 @@ from .models.transformer_cosmos3 import Cosmos3Transformer
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
-    """Overwrite every parameter with seeded noise (norm weights around 1), so no layer is an identity."""
-    generator = torch.Generator().manual_seed(seed)
+    """Overwrite every parameter with seeded noise (norm weights around 1), so no layer is an identity.
+
+    The noise is drawn on each parameter's device (a Nano-sized model on a GPU would take minutes through the host);
+    the same seed gives the same weights on the same kind of device."""
+    generators = {}
     with torch.no_grad():
         for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator) * std
+            if param.device not in generators:
+                generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+            noise = torch.randn(param.shape, generator=generators[param.device], device=param.device) * std
             if "norm" in name.split(".")[-2:][0]:
                 noise = 1.0 + noise
             param.copy_(noise.to(param.dtype))
