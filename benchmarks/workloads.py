@@ -49,6 +49,7 @@ from diffusers import AutoencoderKLWan, Cosmos3OmniPipeline, FlowMatchEulerDiscr
 from diffusers.pipelines.cosmos.pipeline_cosmos3_omni import CosmosActionCondition
 from flops import forward_flops
 from PIL import Image
+from pipelines import PROMPT
 from timing import timed
 
 from cosmos3 import (
@@ -63,8 +64,6 @@ from cosmos3.models.transformer_cosmos3 import COSMOS3_PRESETS
 from cosmos3.testing import make_tiny_vae, randomize_, reference_inputs, reference_transformer
 from cosmos3.tokenizers.text import build_tiny_tokenizer
 
-PROMPT = ("A red car drives along a coastal road at dusk, the camera tracking it from the side while waves break on "
-          "the rocks below and the sky turns orange; seagulls glide over the water and headlights come on.")
 WORKLOADS = ("t2v-step", "t2i", "t2v-distilled", "policy")
 # The released Wan 2.2 VAE (48 latent channels, 16x spatial, 4x temporal), randomly initialised.
 WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,

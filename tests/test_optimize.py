@@ -126,7 +126,6 @@ def test_pipeline_reuses_the_step_while_the_request_repeats(components):  # noqa
 
 
 def test_policy_requests_reuse_the_step(components):  # noqa: F811
-    import numpy as np_
     from PIL import Image
 
     parts, _ = components
@@ -134,7 +133,7 @@ def test_policy_requests_reuse_the_step(components):  # noqa: F811
     pipe.set_progress_bar_config(disable=True)
 
     def request(seed):
-        image = Image.fromarray(np_.random.default_rng(seed).integers(0, 256, (40, 64, 3), dtype=np_.uint8))
+        image = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 64, 3), dtype=np.uint8))
         return ActionRequest(mode="policy", chunk_size=8, domain_name="bridge_orig_lerobot", image=image,
                              resolution_tier=256)
 

@@ -178,7 +178,7 @@ class DomainAwareLinear(nn.Module):
 
     def forward(self, x: Tensor, groups: list[tuple[Tensor, Tensor]]) -> Tensor:
         """`x [N, in]` -> `[N, out]`; `groups` partitions the rows by domain: `(domain [1], rows)` pairs on x's
-        device (from `Cosmos3Layout.domain_groups`, or `domain_groups(ids)`)."""
+        device (from `Cosmos3Layout.domain_groups`)."""
         # Tokens of one domain share one matmul, rather than gathering an [in, out] matrix per token. The tables
         # are read through their modules so that hooks (layerwise casting, offloading) see the access.
         out = x.new_zeros(x.shape[0], self.output_size)
@@ -186,11 +186,6 @@ class DomainAwareLinear(nn.Module):
             weight = self.fc(domain).view(self.input_size, self.output_size)  # [in, out]
             out = out.index_put((rows,), (x[rows] @ weight + self.bias(domain)).to(out.dtype))
         return out
-
-
-def domain_groups(domain_ids: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """`(domain [1], rows)` for each domain in `domain_ids [N]` (`DomainAwareLinear`'s `groups`)."""
-    return [(d.view(1), (domain_ids == d).nonzero().squeeze(1)) for d in domain_ids.unique()]
 
 
 class Cosmos3TimestepEmbedding(nn.Module):
