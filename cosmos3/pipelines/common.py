@@ -106,7 +106,8 @@ class _Request:
     uncond_ids: list[int]
     generator: torch.Generator | None
     latent_shape: tuple[int, int, int, int]  # (C, T, h, w)
-    x0: Tensor | None = None  # [C, T, h, w] clean vision latents (conditioning frames), None: nothing clean
+    # [C, T, h, w] clean vision latents, read only at `condition_frames` (see `encode_conditioning`); None: nothing
+    x0: Tensor | None = None
     condition_frames: tuple[int, ...] = ()
     sound_length: int = 0
     fps: float | None = None
@@ -115,6 +116,28 @@ class _Request:
     action_condition: tuple[int, ...] = ()
     action_domain_id: int = 0
     raw_action_dim: int | None = None
+
+
+def encode_conditioning(
+    tokenizer: Cosmos3VisionTokenizer, clip: Tensor, condition_frames: tuple[int, ...], latent_frames: int
+) -> Tensor:
+    """Clean latents `[C, latent_frames, h, w]` of `clip` `[1, 3, F, H, W]` at `condition_frames`, zeros after the last.
+
+    The Wan VAE is causal in time: latent frame k depends on pixel frames 0..4k only, and equals what encoding just
+    those frames gives (to float rounding: the convolutions may pick other kernels for other input strides). So only
+    the pixels up to the last conditioning frame are encoded (`clip` needs no more than those): one frame for
+    image-to-video, a policy or forward dynamics, where the reference encodes the whole clip. The latent frames past
+    it are never read (`_generate` blends `x0` in through the conditioning mask) and are left zero.
+    """
+    tf = tokenizer.temporal_factor
+    last = max(condition_frames)
+    if min(condition_frames) < 0 or last >= latent_frames:
+        raise ValueError(f"condition frames {list(condition_frames)} are outside the {latent_frames} latent frames "
+                         f"(valid: 0..{latent_frames - 1}).")
+    if clip.shape[2] < 1 + tf * last:
+        raise ValueError(f"latent frame {last} needs {1 + tf * last} pixel frames, the clip has {clip.shape[2]}.")
+    prefix = tokenizer.encode(clip[:, :, : 1 + tf * last].contiguous())[0]  # [C, last + 1, h, w]
+    return torch.cat([prefix, prefix.new_zeros(prefix.shape[0], latent_frames - 1 - last, *prefix.shape[2:])], dim=1)
 
 
 def _check_generators(generator, batch: int) -> list[torch.Generator | None]:

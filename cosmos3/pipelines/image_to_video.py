@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..tokenizers.vision import preprocess_image
+from .common import encode_conditioning
 from .text_to_video import Cosmos3TextToVideoPipeline
 
 
@@ -70,12 +71,14 @@ class Cosmos3ImageToVideoPipeline(Cosmos3TextToVideoPipeline):
         images = _per_prompt("image", image, num_prompts, num_videos_per_prompt)
         tokenizer = self.vision_tokenizer
         device = self._execution_device
+        latent_t = requests[0].latent_shape[1]
         encoded: dict[int, torch.Tensor] = {}
         for r, img in zip(requests, images):
             if id(img) not in encoded:  # samples of one prompt share their image's latents
                 frame = preprocess_image(img, height, width).to(device)  # [1, 3, H, W]
-                clip = frame.unsqueeze(2).expand(-1, -1, num_frames, -1, -1)  # the image repeated, as the reference
-                encoded[id(img)] = tokenizer.encode(clip.contiguous())[0]
+                # The reference encodes the image repeated to `num_frames`; latent frame 0, the only one read, is the
+                # image's own encoding.
+                encoded[id(img)] = encode_conditioning(tokenizer, frame.unsqueeze(2), (0,), latent_t)
             r.x0, r.condition_frames = encoded[id(img)], (0,)
         return self._generate(
             requests, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type=output_type,

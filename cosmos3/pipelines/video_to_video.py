@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from ..tokenizers.vision import preprocess_video
+from .common import encode_conditioning
 from .image_to_video import _per_prompt
 from .text_to_video import Cosmos3TextToVideoPipeline
 
@@ -67,17 +68,17 @@ class Cosmos3VideoToVideoPipeline(Cosmos3TextToVideoPipeline):
         tcf = int(self.vae.config.scale_factor_temporal)
         keep = max(indexes) * tcf + 1  # the pixel frames the conditioning latents cover
         tokenizer, device = self.vision_tokenizer, self._execution_device
+        condition_frames = tuple(sorted(set(indexes)))
         encoded: dict[int, torch.Tensor] = {}
         for r, clip in zip(requests, clips):
             if id(clip) not in encoded:
                 frames = preprocess_video(clip, height, width).to(device)  # [1, 3, F, H, W]
                 frames = frames[:, :, :keep] if condition_video_keep == "first" else frames[:, :, -keep:]
-                filled = min(frames.shape[2], num_frames)
-                # The clip's frames, then its last frame repeated to the full length (as the reference).
-                full = torch.cat([frames[:, :, :filled], frames[:, :, filled - 1 : filled].expand(
-                    -1, -1, num_frames - filled, -1, -1)], dim=2)
-                encoded[id(clip)] = tokenizer.encode(full.contiguous())[0]
-            r.x0, r.condition_frames = encoded[id(clip)], tuple(sorted(set(indexes)))
+                # A short clip's last frame repeated (as the reference, which repeats it to the full length; the
+                # latents read here only see the first `keep` frames).
+                frames = torch.cat([frames, frames[:, :, -1:].expand(-1, -1, keep - frames.shape[2], -1, -1)], dim=2)
+                encoded[id(clip)] = encode_conditioning(tokenizer, frames, condition_frames, latent_t)
+            r.x0, r.condition_frames = encoded[id(clip)], condition_frames
         return self._generate(
             requests, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type=output_type,
             return_dict=return_dict, callback_on_step_end=callback_on_step_end,

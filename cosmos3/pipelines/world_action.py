@@ -24,7 +24,7 @@ from diffusers.video_processor import VideoProcessor
 from ..tokenizers.action import EMBODIMENT_TO_DOMAIN_ID, EMBODIMENT_TO_RAW_ACTION_DIM
 from ..tokenizers.text import ACTION_VIEWPOINTS
 from ..tokenizers.vision import preprocess_video
-from .common import Cosmos3PipelineBase, _check_generators, _Request
+from .common import Cosmos3PipelineBase, _check_generators, _Request, encode_conditioning
 
 ACTION_MODES = ("policy", "forward_dynamics", "inverse_dynamics")
 # Canvases (height, width) of each resolution tier by aspect ratio (height / width). 256-720 are the reference's;
@@ -181,17 +181,18 @@ class Cosmos3WorldActionPipeline(Cosmos3PipelineBase):
                 raise ValueError(f"{req.domain_name} actions are {req.raw_action_dim} wide, over the model's "
                                  f"action_dim={action_dim}.")
             num_frames = req.chunk_size + 1
+            latent_t = (num_frames - 1) // tcf + 1
+            condition_frames = tuple(range(latent_t)) if req.mode == "inverse_dynamics" else (0,)
+            # Only the frames the conditioning latents depend on are placed and encoded (the first one, but for
+            # inverse dynamics); the canvas's leading frames do not depend on its length.
             clip = [req.image] if req.image is not None else req.video
-            canvas, height, width, content_h, content_w = action_canvas(clip, req.resolution_tier, num_frames)
+            canvas, height, width, content_h, content_w = action_canvas(
+                clip, req.resolution_tier, 1 + tcf * max(condition_frames))
             settings = self._prompt_settings(num_frames, height, width, fps, use_system_prompt, True, True,
                                              action_mode=req.mode, action_view_point=req.view_point)
             (cond,), (uncond,) = self.encode_prompt([prompt_i], [negative_i], settings)
-            # Frames past the last 1 + 4k do not reach the latents (the causal VAE encodes groups of 4): encode the
-            # ones that do, as the reference's VAE call effectively does.
-            usable = 1 + tcf * ((num_frames - 1) // tcf)
-            x0 = tokenizer.encode(canvas[:, :, :usable].to(device).float().contiguous())[0]  # [C, T, H/16, W/16]
+            x0 = encode_conditioning(tokenizer, canvas.to(device).float(), condition_frames, latent_t)
             x0 = x0[:, :, : max(content_h // sf, 1), : max(content_w // sf, 1)].contiguous()  # drop the padding
-            latent_t = (num_frames - 1) // tcf + 1
             actions = torch.zeros(req.chunk_size, action_dim)
             if req.mode == "forward_dynamics":
                 given = req.actions.float()
@@ -199,7 +200,7 @@ class Cosmos3WorldActionPipeline(Cosmos3PipelineBase):
                 actions[:, : req.raw_action_dim] = given[: req.chunk_size]
             requests.append(_Request(
                 cond_ids=cond, uncond_ids=uncond, generator=g, latent_shape=tuple(x0.shape), x0=x0,
-                condition_frames=tuple(range(latent_t)) if req.mode == "inverse_dynamics" else (0,), fps=float(fps),
+                condition_frames=condition_frames, fps=float(fps),
                 action_x0=actions, action_domain_id=EMBODIMENT_TO_DOMAIN_ID[req.domain_name],
                 action_condition=tuple(range(req.chunk_size)) if req.mode == "forward_dynamics" else (),
                 raw_action_dim=req.raw_action_dim,

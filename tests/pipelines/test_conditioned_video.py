@@ -2,9 +2,11 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cosmos3.pipelines import Cosmos3ImageToVideoPipeline, Cosmos3VideoToVideoPipeline
+from cosmos3.pipelines.common import encode_conditioning
 
 from .conftest import gen
 
@@ -76,3 +78,40 @@ def test_video_as_a_list_of_arrays_matches_reference(components):
     expected = reference("a river", video=clip, generator=gen(2), **VIDEO).video
     got = pipeline(Cosmos3VideoToVideoPipeline, parts)(clip, "a river", generator=gen(2), **VIDEO).frames
     assert np.abs(got[0] - expected).max() <= 1e-4
+
+
+def test_encode_conditioning_equals_the_full_encode_where_read(components):
+    # The Wan VAE is causal in time: the leading latent frames of a whole clip are those of its prefix (to rounding).
+    parts, _ = components
+    tokenizer = pipeline(Cosmos3ImageToVideoPipeline, parts).vision_tokenizer
+    clip = torch.rand(1, 3, 13, 32, 48, generator=gen(0)) * 2 - 1
+    full = tokenizer.encode(clip)[0]  # [C, 4, h, w]
+    for frames in [(0,), (0, 1), (2,), (0, 3)]:
+        x0 = encode_conditioning(tokenizer, clip, frames, 4)
+        assert x0.shape == full.shape
+        torch.testing.assert_close(x0[:, : max(frames) + 1], full[:, : max(frames) + 1], atol=1e-6, rtol=0)
+        assert not x0[:, max(frames) + 1 :].any()
+    torch.testing.assert_close(encode_conditioning(tokenizer, clip[:, :, :5], (1,), 4)[:, :2], full[:, :2], atol=1e-6,
+                               rtol=0)
+    with pytest.raises(ValueError, match="outside the 4 latent frames"):
+        encode_conditioning(tokenizer, clip, (4,), 4)
+    with pytest.raises(ValueError, match="needs 9 pixel frames, the clip has 5"):
+        encode_conditioning(tokenizer, clip[:, :, :5], (2,), 4)
+
+
+def test_only_the_conditioning_frames_are_encoded(components, monkeypatch):
+    parts, _ = components
+    lengths, encode = [], parts["vae"].encode
+
+    def counting(x, *args, **kwargs):
+        lengths.append(x.shape[2])
+        return encode(x, *args, **kwargs)
+
+    monkeypatch.setattr(parts["vae"], "encode", counting)
+    i2v = pipeline(Cosmos3ImageToVideoPipeline, parts)
+    i2v(picture(0), "a boat", generator=gen(0), **{**VIDEO, "num_frames": 13, "num_inference_steps": 1})
+    assert lengths == [1]  # the reference encodes 13
+    v2v = pipeline(Cosmos3VideoToVideoPipeline, parts)
+    clip = [picture(i) for i in range(3)]  # shorter than the 5 frames latent frame 1 covers: its last one repeated
+    v2v(clip, "a river", condition_frame_indexes=(0, 1), generator=gen(0), **{**VIDEO, "num_inference_steps": 1})
+    assert lengths == [1, 5]

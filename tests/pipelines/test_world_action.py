@@ -110,3 +110,22 @@ def test_chunks_that_are_not_a_multiple_of_4_match_reference(components, chunk):
     got = pipeline(parts)("push the cup", ActionRequest(**kw), generator=gen(1), guidance_scale=1.0, **COMMON)
     assert np.abs(got.frames[0] - expected.video).max() <= 1e-4
     assert (got.action[0] - expected.action[0]).abs().max() <= 1e-4
+
+
+def test_a_policy_encodes_its_first_frame_only(components, monkeypatch):
+    parts, _ = components
+    lengths, encode = [], parts["vae"].encode
+
+    def counting(x, *args, **kwargs):
+        lengths.append(x.shape[2])
+        return encode(x, *args, **kwargs)
+
+    monkeypatch.setattr(parts["vae"], "encode", counting)
+    pipe = pipeline(parts)
+    for mode in ["policy", "forward_dynamics", "inverse_dynamics"]:
+        kw = condition(mode)
+        pipe("pick up the block", ActionRequest(mode=mode, chunk_size=8, domain_name=kw["domain_name"],
+                                                resolution_tier=256, image=kw.get("image"), video=kw.get("video"),
+                                                actions=kw.get("raw_actions")),
+             generator=gen(0), **{**COMMON, "num_inference_steps": 1})
+    assert lengths == [1, 1, 9]  # the reference encodes 9 frames every time
