@@ -4,6 +4,7 @@ on the same configuration, random weights, in the same process.
     python benchmarks/workloads.py t2v-step        # CPU: a small configuration (the default --size small)
     python benchmarks/workloads.py t2i
     python benchmarks/workloads.py t2v-distilled
+    python benchmarks/workloads.py i2v
     python benchmarks/workloads.py policy
     python benchmarks/workloads.py all
 
@@ -11,6 +12,7 @@ on the same configuration, random weights, in the same process.
     python benchmarks/workloads.py t2v-step --device cuda --dtype bfloat16 --size full --compile --fused-kernels
     python benchmarks/workloads.py t2i --device cuda --dtype bfloat16 --size full --compile --fused-kernels
     python benchmarks/workloads.py t2v-distilled --device cuda --dtype bfloat16 --size full --compile --cuda-graphs
+    python benchmarks/workloads.py i2v --device cuda --dtype bfloat16 --size full --compile --fused-kernels
     python benchmarks/workloads.py policy --device cuda --dtype bfloat16 --size full --cuda-graphs
 
 Workloads:
@@ -23,6 +25,9 @@ Workloads:
 * `t2v-distilled`: 4 steps without guidance end to end. Ours runs the distilled students' re-noising sampler; the
   reference its UniPC at 4 steps: the same 4 transformer forwards each. Full size: 480p, 93 frames (the
   reference's demo length for students; `--frames` to change).
+* `i2v`: image-to-video end to end (image encoding, prompt encoding, 35 guided steps by default, VAE decode).
+  Ours encodes the image alone, the reference the image repeated to the clip's length. Small: 33x256x448; full:
+  480p, 93 frames.
 * `policy`: one action chunk (DROID 256 tier, chunk 32) at 4 steps, guidance 1, from a fresh observation. Full
   size: Edge.
 
@@ -54,6 +59,7 @@ from timing import timed
 
 from cosmos3 import (
     ActionRequest,
+    Cosmos3ImageToVideoPipeline,
     Cosmos3Sample,
     Cosmos3TextToImagePipeline,
     Cosmos3TextToVideoPipeline,
@@ -64,7 +70,7 @@ from cosmos3.models.transformer_cosmos3 import COSMOS3_PRESETS
 from cosmos3.testing import make_tiny_vae, randomize_, reference_inputs, reference_transformer
 from cosmos3.tokenizers.text import build_tiny_tokenizer
 
-WORKLOADS = ("t2v-step", "t2i", "t2v-distilled", "policy")
+WORKLOADS = ("t2v-step", "t2i", "t2v-distilled", "i2v", "policy")
 # The released Wan 2.2 VAE (48 latent channels, 16x spatial, 4x temporal), randomly initialised.
 WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
                  temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
@@ -294,6 +300,20 @@ def t2v_distilled(args):
     return pipeline_rows(args, model, theirs, ours, check=False)
 
 
+def i2v(args):
+    parts, reference, model = build_pipelines(args, "nano")
+    pipe = Cosmos3ImageToVideoPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    frames = args.frames or (93 if args.size == "full" else 33)
+    size = dict(height=480, width=832) if args.size == "full" else dict(height=256, width=448)
+    common = dict(num_frames=frames, num_inference_steps=args.steps or 35, guidance_scale=6.0, output_type="np",
+                  **size)
+    theirs = lambda: reference(PROMPT, image=image, generator=gen(), **common).video  # noqa: E731
+    ours = lambda: pipe(image, PROMPT, generator=gen(), **common).frames[0]  # noqa: E731
+    return pipeline_rows(args, model, theirs, ours, check=True)
+
+
 def policy(args):
     parts, reference, model = build_pipelines(args, "edge" if args.size == "full" else "small")
     pipe = Cosmos3WorldActionPipeline(**parts)
@@ -334,7 +354,7 @@ def pipeline_rows(args, model, theirs, ours, check: bool):
     return rows, diff
 
 
-RUNNERS = {"t2v-step": t2v_step, "t2i": t2i, "t2v-distilled": t2v_distilled, "policy": policy}
+RUNNERS = {"t2v-step": t2v_step, "t2i": t2i, "t2v-distilled": t2v_distilled, "i2v": i2v, "policy": policy}
 
 
 def main() -> None:
@@ -345,8 +365,8 @@ def main() -> None:
     parser.add_argument("--size", default="small", choices=["small", "full"],
                         help="small: CPU-sized twins; full: the Nano (Edge for policy) presets and the real VAE")
     parser.add_argument("--layers", type=int, default=None, help="a slice of the depth (default: all / 4 small)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps of t2i (35) / policy (4)")
-    parser.add_argument("--frames", type=int, default=None, help="frames of t2v-distilled")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps of t2i, i2v (35) / policy (4)")
+    parser.add_argument("--frames", type=int, default=None, help="frames of t2v-distilled, i2v")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="ours: compile_repeated_blocks()")
     parser.add_argument("--fused-kernels", action="store_true", help="ours: cosmos3.kernels.apply_fused_kernels")

@@ -307,8 +307,19 @@ def test_concurrency_bound_serialises_inferences(serve):
 
 
 def test_concurrency_two_slots_overlap(serve):
-    policy = FakePolicy(delay=0.3)
+    # Both inferences are held until both are running (or 10 s pass), so a loaded machine cannot make them miss
+    # each other.
+    gate = threading.Event()
+    policy = FakePolicy(gate=gate)
     server = serve(policy, max_concurrency=2)
+
+    def open_when_both_run():
+        deadline = time.monotonic() + 10
+        while policy.active < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gate.set()
+
+    threading.Thread(target=open_when_both_run, daemon=True).start()
     results = _concurrent(server, 2)
     assert policy.max_active == 2 and all(out is not None and "actions" in out for out in results)
 
@@ -330,12 +341,12 @@ def test_busy_when_queue_is_full(serve):
 
 
 def test_inference_timeout_replies_error_and_keeps_the_slot(serve):
-    policy = FakePolicy(slow_delay=0.6)
+    policy = FakePolicy(slow_delay=2.0)
     server = serve(policy, max_concurrency=1, inference_timeout_s=0.2, queue_timeout_s=5.0)
     client = _client(server)
     start = time.monotonic()
     slow = client.infer({**_obs(1.0), "slow": True})
-    assert slow["type"] == "TimeoutError" and "actions" not in slow and time.monotonic() - start < 0.6
+    assert slow["type"] == "TimeoutError" and "actions" not in slow and time.monotonic() - start < 1.5
     # the same connection is usable; the late call still holds the only slot, so this one waits for it
     out = client.infer(_obs(2.0))
     np.testing.assert_array_equal(out["actions"], _expected(2.0))
