@@ -419,11 +419,13 @@ class Trainer:
 
     def export(self, transformer_dir: str, use_ema: bool = True) -> str | None:
         """Write the trained transformer as a diffusers folder (config + safetensors) that `from_pretrained` of
-        ours and of the reference load; all ranks call this, rank 0 writes. Returns the folder on rank 0."""
+        ours and of the reference load; all ranks call this, rank 0 writes, and every rank returns once the folder
+        is complete (a barrier). Returns the folder on rank 0."""
         state = self.full_state_dict(use_ema)
-        if self.rank != 0:
-            return None
-        return save_transformer(dict(self.model.config), state, transformer_dir)
+        try:
+            return save_transformer(dict(self.model.config), state, transformer_dir) if self.rank == 0 else None
+        finally:
+            checkpoint._barrier()  # also when rank 0's write fails: the others must not wait for it forever
 
 
 class _Indexed(torch.utils.data.Dataset):

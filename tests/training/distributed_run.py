@@ -52,6 +52,8 @@ def main():
         with open(os.path.join(args.out, "records.json"), "w") as f:
             json.dump(records, f)
     if torch.distributed.is_initialized():
+        # No rank tears its group down while another still talks to it (that aborted a rank now and then).
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
