@@ -24,5 +24,19 @@ def components(tiny_tokenizer):
     return parts, reference
 
 
+@pytest.fixture
+def encoded_lengths(components, monkeypatch):
+    """The number of pixel frames of every encode the pipelines make with `components`' VAE, in call order."""
+    vae, lengths = components[0]["vae"], []
+    encode = vae.encode
+
+    def counting(x, *args, **kwargs):
+        lengths.append(x.shape[2])
+        return encode(x, *args, **kwargs)
+
+    monkeypatch.setattr(vae, "encode", counting)
+    return lengths
+
+
 def gen(seed):
     return torch.Generator().manual_seed(seed)
