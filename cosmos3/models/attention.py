@@ -189,7 +189,7 @@ def _check_varlen_inputs(q: Tensor) -> None:
 
 # Not traced by torch.compile: the dispatch branches on the layout's Python metadata (lengths, padding), which
 # would specialize a compiled layer to each prompt length. A compiled layer breaks its graph here and fuses what
-# is around (see cosmos3.optimize.compile_regions).
+# is around (`Cosmos3Transformer.compile_repeated_blocks()`).
 @torch.compiler.disable
 def und_attention(q: Tensor, k: Tensor, v: Tensor, layout: Cosmos3Layout, backend: str = "native") -> Tensor:
     """Causal attention within each sample's text. q `[Nu, H, D]`, k/v `[Nu, Hkv, D]` -> `[Nu, H, D]`."""

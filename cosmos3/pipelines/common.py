@@ -447,11 +447,15 @@ class Cosmos3PipelineBase(DiffusionPipeline):
             samples += [sample(r, r.uncond_ids) for r in requests]
         layout = self.transformer.build_layout(samples, temporal_compression=int(self.vae.config.scale_factor_temporal))
         repeat = 2 if cfg else 1
+
+        def step_inputs():  # the transformer's vision, sound and action inputs (twice over with guidance)
+            return (latents.to(dtype).repeat(repeat, 1, 1, 1, 1),
+                    None if sound is None else sound.to(dtype).repeat(repeat, 1, 1),
+                    None if action is None else action.to(dtype).repeat(repeat, 1, 1))
+
         runner = None
         if getattr(self, "_cuda_graphs", False):
-            runner = self._step_runner(layout, latents.to(dtype).repeat(repeat, 1, 1, 1, 1),
-                                       None if sound is None else sound.to(dtype).repeat(repeat, 1, 1),
-                                       None if action is None else action.to(dtype).repeat(repeat, 1, 1))
+            runner = self._step_runner(layout, *step_inputs())
         else:
             text_kv = self.transformer.encode_text(layout)
 
@@ -474,9 +478,7 @@ class Cosmos3PipelineBase(DiffusionPipeline):
         self._num_timesteps = len(timesteps)
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
-                vision_in = latents.to(dtype).repeat(repeat, 1, 1, 1, 1)
-                sound_in = sound.to(dtype).repeat(repeat, 1, 1) if sound is not None else None
-                action_in = action.to(dtype).repeat(repeat, 1, 1) if action is not None else None
+                vision_in, sound_in, action_in = step_inputs()
                 if runner is not None:
                     # the graph's outputs are overwritten by the next replay: the scheduler gets its own copy
                     out = [None if o is None else o.clone() for o in runner(vision_in, t, sound_in, action_in)]
