@@ -18,7 +18,9 @@ head_dim). Backends, chosen with `Cosmos3Transformer.set_attention_backend`:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -170,8 +172,31 @@ def _varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool) -> Tensor:
         return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal)
     from torch.nn.attention.varlen import varlen_attn
 
-    window = (-1, 0) if causal else (-1, -1)
-    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=window, enable_gqa=q.shape[1] != k.shape[1])
+    q, k, v, kwargs = _varlen_arguments(varlen_attn, q, k, v, causal)
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+
+
+def _varlen_arguments(varlen_attn, q: Tensor, k: Tensor, v: Tensor, causal: bool):
+    """`varlen_attn`'s keywords changed between PyTorch releases (`is_causal`, then `window_size`; `enable_gqa`
+    came later): the arguments for the installed one. Without `enable_gqa`, K/V heads are repeated to match."""
+    params = _parameters(varlen_attn)
+    kwargs = {}
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        kwargs["is_causal"] = causal
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return q, k, v, kwargs
+
+
+@functools.cache
+def _parameters(fn) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
 
 
 def _check_varlen_inputs(q: Tensor) -> None:

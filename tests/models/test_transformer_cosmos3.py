@@ -231,6 +231,43 @@ def test_backends_agree_with_native(backend, cpu_varlen):
             assert max_diff(a, b) <= 5e-6
 
 
+def _varlen_newest(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                   window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    assert enable_gqa == (key.shape[1] != query.shape[1])
+    return eager_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, causal=tuple(window_size) == (-1, 0))
+
+
+def _varlen_window(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                   window_size=(-1, -1), k_cache=None, v_cache=None, page_table=None):
+    assert key.shape[1] == query.shape[1], "this release takes no enable_gqa"
+    return eager_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, causal=tuple(window_size) == (-1, 0))
+
+
+def _varlen_oldest(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    assert key.shape[1] == query.shape[1], "this release takes no enable_gqa"
+    return eager_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, causal=is_causal)
+
+
+@pytest.mark.parametrize("release", [_varlen_newest, _varlen_window, _varlen_oldest])
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_call_fits_each_pytorch_signature(release, causal, monkeypatch):
+    """PyTorch's `varlen_attn` changed its keywords between releases (the GPU image has 2.11, CI 2.13)."""
+    import importlib.util
+
+    from torch.nn.attention import varlen
+
+    monkeypatch.setattr(varlen, "varlen_attn", release)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else
+                        find_spec(name, *a))
+    g = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0, 5, 12])
+    q = torch.randn(12, 4, 8, generator=g)
+    k, v = torch.randn(2, 12, 2, 8, generator=g)
+    got = attention_module._varlen_kernel(q, k, v, cu, cu, 7, 7, causal)
+    assert max_diff(got, eager_varlen(q, k, v, cu, cu, 7, 7, causal)) <= 1e-6
+
+
 def test_text_cache_equals_recompute():
     model = make_model("sound_action")
     samples, inputs, timesteps = mixed_batch(model.config)
