@@ -217,8 +217,8 @@ class Cosmos3RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, rope_theta: float, rope_axes_dim: list[int]):
         super().__init__()
-        inv_freq = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.rope_theta = head_dim, rope_theta
+        self.register_buffer("inv_freq", _inverse_frequencies(head_dim, rope_theta), persistent=False)
         axis = torch.zeros(head_dim // 2, dtype=torch.long)
         axis[1 : 3 * rope_axes_dim[1] : 3] = 1
         axis[2 : 3 * rope_axes_dim[2] : 3] = 2
@@ -226,12 +226,21 @@ class Cosmos3RotaryEmbedding(nn.Module):
 
     def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         # float32 throughout: bf16 cannot tell positions apart beyond 256.
+        inv_freq = self.inv_freq
+        if inv_freq.dtype != torch.float32:
+            # `model.to(torch.bfloat16)` rounds buffers too (`from_pretrained(torch_dtype=...)` does not): a 0.2%
+            # frequency error times a position in the hundreds is a phase error of radians. Recompute the init values.
+            inv_freq = _inverse_frequencies(self.head_dim, self.rope_theta).to(position_ids.device)
         with torch.autocast(device_type=position_ids.device.type, enabled=False):
-            freqs = position_ids.float()[:, :, None] * self.inv_freq.float()[None, None, :]  # [3, N, D/2]
+            freqs = position_ids.float()[:, :, None] * inv_freq[None, None, :]  # [3, N, D/2]
         slot = torch.arange(freqs.shape[-1], device=freqs.device)
         freqs = freqs[self.axis_of_slot, :, slot].transpose(0, 1)  # [N, D/2], each slot from its own axis
         emb = torch.cat([freqs, freqs], dim=-1)  # [N, D]
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _inverse_frequencies(head_dim: int, rope_theta: float) -> Tensor:
+    return 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
 
 
 def _rotate_half(x: Tensor) -> Tensor:
