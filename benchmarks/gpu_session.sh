@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # The GPU half of benchmarks/RESULTS.md, in parts that each fit one device call (10 minutes a command, 30 minutes
-# of device time a session). The GPU image has torch, triton and transformers but neither diffusers nor torchao, so
-# their wheels travel with the working tree.
+# of device time a session, machine starts included: about three parts a session). The GPU image has torch, triton
+# and transformers but neither diffusers nor torchao, so their wheels travel with the working tree.
 #
 # Here, once (needs PyPI):           bash benchmarks/gpu_session.sh wheels
-# On the device, one call per part:  bash benchmarks/gpu_session.sh tests      (carry .whl; ~5 min)
-#                                    bash benchmarks/gpu_session.sh step       (t2v step, t2i, MoT layer, kernels)
+# On the device, one call per part, every part with carry [".whl"]:
+#                                    bash benchmarks/gpu_session.sh tests      (GPU tests, fused kernels)
+#                                    bash benchmarks/gpu_session.sh step       (t2v step, t2i, MoT layer)
 #                                    bash benchmarks/gpu_session.sh e2e        (distilled t2v, Edge policy, memory)
 #                                    bash benchmarks/gpu_session.sh i2v
 # Each part writes one log per command under $OUT (the device tool brings it back; ./gpu-logs elsewhere) and ends
-# with a line per command: its name and exit status. A command over its time limit is stopped and the part goes on.
+# with a line per command: its name and exit status; the part exits nonzero if any command failed. A command over
+# its time limit is stopped and the part goes on; the limits of a part add up to less than a call's 600 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part="${1:-}"
 out="${OUT:-gpu-logs}"
 summary=()
+failed=0
 
 wheels() {
     mkdir -p .whl
@@ -45,6 +48,7 @@ run() {
     local rc=$?
     tail -n 25 "$out/$name.log"
     summary+=("$name exit $rc$([ $rc = 124 ] && echo ' (time limit)')")
+    [ $rc = 0 ] || failed=1
 }
 
 full="--device cuda --dtype bfloat16 --size full"
@@ -53,24 +57,24 @@ case "$part" in
     wheels) wheels; exit ;;
     tests)
         setup
-        run pytest 420 python3 -m pytest -o addopts= -q -rfs -x tests/test_gpu.py tests/kernels tests/test_optimize.py
-        run fused_kernels 120 python3 benchmarks/fused_kernels.py --device cuda --dtype bfloat16
+        run pytest 360 python3 -m pytest -o addopts= -q -rfs --maxfail=10 tests/test_gpu.py tests/kernels tests/test_optimize.py
+        run fused_kernels 100 python3 benchmarks/fused_kernels.py --device cuda --dtype bfloat16
         ;;
     step)
         setup
         run t2v_step 240 python3 benchmarks/workloads.py t2v-step $full --compile --fused-kernels
-        run t2i 180 python3 benchmarks/workloads.py t2i $full --compile --fused-kernels
-        run mot_layer 120 python3 benchmarks/mot_layer.py --device cuda --dtype bfloat16 --size nano --compile
+        run t2i 150 python3 benchmarks/workloads.py t2i $full --compile --fused-kernels
+        run mot_layer 100 python3 benchmarks/mot_layer.py --device cuda --dtype bfloat16 --size nano --compile
         ;;
     e2e)
         setup
-        run t2v_distilled 300 python3 benchmarks/workloads.py t2v-distilled $full --compile --cuda-graphs --repeats 2
-        run policy 120 python3 benchmarks/workloads.py policy $full --cuda-graphs
-        run offload_memory 150 python3 benchmarks/offload_memory.py --device cuda --dtype bfloat16 --size full
+        run t2v_distilled 250 python3 benchmarks/workloads.py t2v-distilled $full --compile --cuda-graphs --repeats 2
+        run policy 90 python3 benchmarks/workloads.py policy $full --cuda-graphs
+        run offload_memory 120 python3 benchmarks/offload_memory.py --device cuda --dtype bfloat16 --size full
         ;;
     i2v)
         setup
-        run i2v 540 python3 benchmarks/workloads.py i2v $full --compile --fused-kernels --repeats 1
+        run i2v 500 python3 benchmarks/workloads.py i2v $full --compile --fused-kernels --repeats 1
         ;;
     *)
         echo "usage: bash benchmarks/gpu_session.sh wheels|tests|step|e2e|i2v" >&2
@@ -78,3 +82,4 @@ case "$part" in
         ;;
 esac
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
+exit $failed

@@ -4,14 +4,15 @@
     python benchmarks/offload_memory.py                                               # CPU: checks that it runs
 
 Random weights (the Nano preset and the released Wan 2.2 VAE configuration at full size; the small twins of
-workloads.py otherwise), guidance 6, 2 denoising steps (a step's peak does not grow with the step count), decoded
-to frames. The question is the issue's: does Nano fit in 32 GB once `pipe.enable_text_tower_offload()` keeps the text
+workloads.py otherwise), guidance 6, 2 denoising steps (a step's peak does not grow with the step count). The
+question is the issue's: does Nano fit in 32 GB once `pipe.enable_text_tower_offload()` keeps the text
 tower in host memory after building the request's K/V cache? No reference here: its weights would share ours and
 stay resident.
 
 Printed per row: the weights resident on the device before the request, the process's peak during it (CUDA
-allocator `max_memory_allocated`, absolute, not above a baseline) and the seconds. On CPU the "device" is host
-memory, so the offload moves nothing: the rows only show that the script runs.
+allocator `max_memory_allocated`, absolute, not above a baseline), the allocator's peak reserve
+(`max_memory_reserved`) and the seconds; for denoising alone (`output_type="latent"`) and with the float32 VAE
+decode. On CPU the "device" is host memory, so the offload moves nothing: the rows only show that the script runs.
 """
 
 from __future__ import annotations
@@ -67,25 +68,34 @@ def main() -> None:
     print(f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}) "
           f"dtype={str(args.dtype)[6:]} size={args.size} layers={args.layers or 'default'} "
           f"{size['num_frames']}x{size['height']}x{size['width']} steps={args.steps} torch={torch.__version__}")
-    print(f"{'':28s} {'resident GiB':>12s} {'peak GiB':>9s} {'s':>8s}")
-    for offload in (False, True):
-        if offload:
+    print(f"{'':40s} {'resident GiB':>12s} {'peak GiB':>9s} {'reserved GiB':>12s} {'s':>8s}")
+    offloaded = False
+    for offload, output in ((False, "latent"), (True, "latent"), (True, "np")):
+        if offload and not offloaded:
             pipe.enable_text_tower_offload()
+            offloaded = True
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
             resident = torch.cuda.memory_allocated(device) / 2**30
         else:
             resident = float("nan")
         start = time.perf_counter()
         with PeakMemory(device) as peak:
-            pipe(PROMPT, generator=gen(), num_inference_steps=args.steps, guidance_scale=6.0, output_type="np",
+            pipe(PROMPT, generator=gen(), num_inference_steps=args.steps, guidance_scale=6.0, output_type=output,
                  **size)
         seconds = time.perf_counter() - start
-        # PeakMemory reports the growth above the start; the absolute peak is what must fit on the card
-        absolute = resident + peak.mib / 1024 if device.type == "cuda" else peak.mib / 1024
-        name = "text tower offloaded" if offload else "all weights resident"
-        print(f"{name:28s} {resident:12.2f} {absolute:9.2f} {seconds:8.2f}", flush=True)
+        # PeakMemory reports the growth above the start; what must fit on the card is the absolute peak, and the
+        # caching allocator's reserve on top of it (the CUDA context adds ~0.5 GiB more)
+        if device.type == "cuda":
+            absolute = resident + peak.mib / 1024
+            reserved = torch.cuda.max_memory_reserved(device) / 2**30
+        else:
+            absolute, reserved = peak.mib / 1024, float("nan")
+        name = ("text tower offloaded" if offload else "all weights resident") + (
+            ", denoise only" if output == "latent" else ", with VAE decode")
+        print(f"{name:40s} {resident:12.2f} {absolute:9.2f} {reserved:12.2f} {seconds:8.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ def test_text_tower_offload_frees_gpu_memory_and_keeps_outputs():
     assert all(p.device.type == "cpu" and p.is_pinned() for m in modules for p in m.parameters())
     with torch.no_grad():
         got = model(layout, vision, 500.0, text_kv_cache=model.encode_text(layout)).sample
-    assert max_diff(expected, got) == 0
+    assert max_diff(expected, got) <= 1e-6
     del got
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() - offloaded < tower_bytes  # the streamed copies were dropped
