@@ -64,7 +64,11 @@ def reference_transformer(model: Cosmos3Transformer, share_weights: bool = False
 
     init = {k: v for k, v in model.config.items() if not k.startswith("_")}
     if not share_weights:
-        reference = Cosmos3OmniTransformer(**init).to(model.dtype)
+        reference = Cosmos3OmniTransformer(**init)
+        inv_freq = reference.rotary_emb.inv_freq
+        reference = reference.to(model.dtype)
+        # as `from_pretrained(torch_dtype=...)` leaves it: the cast would round this float32 buffer too
+        reference.rotary_emb.inv_freq = inv_freq
         reference.load_state_dict(model.state_dict(), strict=True)
         return reference.eval()
     with torch.device("meta"):
