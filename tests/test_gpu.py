@@ -10,15 +10,13 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from cosmos3 import Cosmos3Transformer
 from cosmos3.models.attention import flash_varlen_available
 from cosmos3.optimize import CUDAGraphStep, fp8_linear_names, offload_text_tower, quantize_fp8, text_tower_modules
-from cosmos3.pipelines import ActionRequest, Cosmos3TextToVideoPipeline, Cosmos3WorldActionPipeline
-from cosmos3.testing import randomize_
+from cosmos3.pipelines import Cosmos3TextToVideoPipeline, Cosmos3WorldActionPipeline
 
-from .models.test_transformer_cosmos3 import CONFIGS, make_inputs, make_model, make_sample, max_diff
+from .models.test_transformer_cosmos3 import make_inputs, make_model, make_sample, make_wide_model, max_diff
 from .pipelines.conftest import components, gen  # noqa: F401  (fixture)
-from .test_optimize import batch, batch_simple
+from .test_optimize import batch, batch_simple, policy_request
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -59,32 +57,16 @@ def test_pipeline_with_cuda_graphs_equals_eager(components):  # noqa: F811
 
 
 def test_policy_with_cuda_graphs_equals_eager(components):  # noqa: F811
-    from PIL import Image
-
     parts, _ = components
     pipe = Cosmos3WorldActionPipeline(**parts).to("cuda")
     pipe.set_progress_bar_config(disable=True)
-
-    def request(seed):
-        image = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 64, 3), dtype=np.uint8))
-        return ActionRequest(mode="policy", chunk_size=8, domain_name="bridge_orig_lerobot", image=image,
-                             resolution_tier=256)
-
     kw = dict(num_inference_steps=3, output_type="np", fps=15.0, guidance_scale=1.0)
-    expected = [pipe("pick up the block", request(s), generator=gen(s), **kw).action[0] for s in (1, 2)]
+    expected = [pipe("pick up the block", policy_request(s), generator=gen(s), **kw).action[0] for s in (1, 2)]
     pipe.enable_cuda_graphs()
-    got = [pipe("pick up the block", request(s), generator=gen(s), **kw).action[0] for s in (1, 2)]
+    got = [pipe("pick up the block", policy_request(s), generator=gen(s), **kw).action[0] for s in (1, 2)]
     assert pipe._graph_step[1].graph is not None
     for a, b in zip(expected, got):
         assert (a - b).abs().max() <= 1e-5
-
-
-def wide_model(**overrides) -> Cosmos3Transformer:
-    """Head dim 64 and widths divisible by 16: sizes the fused attention kernels and FP8 GEMMs accept."""
-    config = dict(CONFIGS["sound_action"], hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=64, rope_axes_dim=[8, 12, 12], **overrides)
-    torch.manual_seed(0)
-    return randomize_(Cosmos3Transformer(**config), seed=0, std=0.05).eval()
 
 
 def mixed_lengths(model):
@@ -100,7 +82,7 @@ def mixed_lengths(model):
 def test_attention_runs_without_the_math_kernel(backend):
     if backend == "flash_varlen" and not flash_varlen_available():
         pytest.skip("neither flash_attn nor torch.nn.attention.varlen is available")
-    model = wide_model().to(CUDA, torch.bfloat16)
+    model = make_wide_model().to(CUDA, torch.bfloat16)
     layout, inputs = mixed_lengths(model)
     vision, sound, action = ([x.to(CUDA, torch.bfloat16) for x in xs] for xs in inputs)
     t = torch.tensor([700.0, 30.0], device=CUDA)
@@ -150,7 +132,7 @@ def test_fp8_generation_tower_runs_close_to_bfloat16():
     pytest.importorskip("torchao")
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 GEMMs need compute capability 8.9 or newer")
-    model = wide_model().to(CUDA, torch.bfloat16)
+    model = make_wide_model().to(CUDA, torch.bfloat16)
     layout, (vision, sound, action) = mixed_lengths(model)
     args = [[x.to(CUDA, torch.bfloat16) for x in xs] for xs in (vision, sound, action)]
     t = torch.tensor([700.0, 30.0], device=CUDA)

@@ -125,22 +125,23 @@ def test_pipeline_reuses_the_step_while_the_request_repeats(components):  # noqa
         pipe("a red ball", generator=gen(1), **kw)
 
 
-def test_policy_requests_reuse_the_step(components):  # noqa: F811
+def policy_request(seed: int) -> ActionRequest:
+    """A policy request from a random 40x64 observation (also used by tests/test_gpu.py)."""
     from PIL import Image
 
+    image = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 64, 3), dtype=np.uint8))
+    return ActionRequest(mode="policy", chunk_size=8, domain_name="bridge_orig_lerobot", image=image,
+                         resolution_tier=256)
+
+
+def test_policy_requests_reuse_the_step(components):  # noqa: F811
     parts, _ = components
     pipe = Cosmos3WorldActionPipeline(**parts)
     pipe.set_progress_bar_config(disable=True)
-
-    def request(seed):
-        image = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 64, 3), dtype=np.uint8))
-        return ActionRequest(mode="policy", chunk_size=8, domain_name="bridge_orig_lerobot", image=image,
-                             resolution_tier=256)
-
     kw = dict(num_inference_steps=3, output_type="np", fps=15.0, guidance_scale=1.0)
-    expected = [pipe("pick up the block", request(s), generator=gen(s), **kw).action[0] for s in (1, 2)]
+    expected = [pipe("pick up the block", policy_request(s), generator=gen(s), **kw).action[0] for s in (1, 2)]
     pipe.enable_cuda_graphs(capture=False)
-    got = [pipe("pick up the block", request(s), generator=gen(s), **kw).action[0] for s in (1, 2)]
+    got = [pipe("pick up the block", policy_request(s), generator=gen(s), **kw).action[0] for s in (1, 2)]
     assert pipe._graph_step is not None
     for a, b in zip(expected, got):
         assert (a - b).abs().max() == 0

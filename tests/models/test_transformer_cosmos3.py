@@ -40,6 +40,15 @@ def make_model(name: str, seed: int = 0, dtype=torch.float32) -> Cosmos3Transfor
     return randomize_(model, seed=seed, std=0.15).eval().to(dtype)
 
 
+def make_wide_model() -> Cosmos3Transformer:
+    """`sound_action` at head dim 64 and widths divisible by 16: sizes the fused attention kernels and FP8 GEMMs
+    accept (tests/test_gpu.py), and long enough rotary tables to show bf16 rounding."""
+    config = dict(CONFIGS["sound_action"], hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, rope_axes_dim=[8, 12, 12])
+    torch.manual_seed(0)
+    return randomize_(Cosmos3Transformer(**config), seed=0, std=0.05).eval()
+
+
 def make_sample(config, *, text_len=7, vision_shape=(3, 3, 5), cond=(), fps=16.0, sound=0, action=0,
                 action_cond=(), domain=8, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -457,9 +466,7 @@ def test_rotary_frequencies_survive_a_cast_to_bfloat16():
     got = model.rotary_emb(positions, torch.bfloat16)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
-    config = dict(CONFIGS["sound_action"], hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=64, rope_axes_dim=[8, 12, 12])
-    model = randomize_(Cosmos3Transformer(**config), seed=0, std=0.05).eval()
+    model = make_wide_model()
     sample = make_sample(model.config, text_len=13, vision_shape=(2, 4, 6), seed=1)
     vision = make_inputs(model.config, sample)[0][None]
     with torch.no_grad():
