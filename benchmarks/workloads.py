@@ -7,6 +7,7 @@ on the same configuration, random weights, in the same process.
     python benchmarks/workloads.py i2v
     python benchmarks/workloads.py policy
     python benchmarks/workloads.py all
+    python benchmarks/workloads.py all --dtype bfloat16 --attention tiled   # CPU in bfloat16 (AVX512-BF16 / AMX)
 
     # GPU, the issue's targets (Nano / Edge sizes, random weights, the reference shares our weights' memory):
     python benchmarks/workloads.py t2v-step --device cuda --dtype bfloat16 --size full --compile --fused-kernels
@@ -211,6 +212,7 @@ def build_transformer(args, preset: str, vocab_size: int, latent_channel: int) -
 
 def speed_up(model: Cosmos3Transformer, args) -> None:
     """Our switches, from outside the model file."""
+    model.set_attention_backend(args.attention)
     if args.fused_kernels:
         from cosmos3.kernels import apply_fused_kernels
 
@@ -401,6 +403,7 @@ def main() -> None:
     parser.add_argument("--fused-kernels", action="store_true", help="ours: cosmos3.kernels.apply_fused_kernels")
     parser.add_argument("--fp8", action="store_true", help="ours: cosmos3.optimize.quantize_fp8 (CUDA, torchao)")
     parser.add_argument("--cuda-graphs", action="store_true", help="ours: replay steps from a CUDA graph")
+    parser.add_argument("--attention", default="native", help="ours: set_attention_backend (e.g. tiled on a bf16 CPU)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="for MFU (default: 989 on CUDA, the H100/H200 bf16 dense peak; none on CPU)")
     args = parser.parse_args()
@@ -412,7 +415,7 @@ def main() -> None:
     switches = [name for name in ("compile", "fused_kernels", "fp8", "cuda_graphs") if getattr(args, name)]
     print(f"device={args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}) "
           f"dtype={str(args.dtype)[6:]} size={args.size} layers={args.layers or 'default'} torch={torch.__version__} "
-          f"threads={torch.get_num_threads()} ours+={','.join(switches) or 'none'}")
+          f"threads={torch.get_num_threads()} ours+={','.join(switches) or 'none'} attention={args.attention}")
     print(f"GEMM ceiling measured now: {gemm:.3f} TFLOP/s; MFU against {peak or '-'} TFLOP/s, '/GEMM' against the "
           "ceiling")
     for workload in WORKLOADS if args.workload == "all" else [args.workload]:

@@ -14,6 +14,12 @@ head_dim). Backends, chosen with `Cosmos3Transformer.set_attention_backend`:
 * `flex`: FlexAttention over the packed streams with a per-sample block mask (no padding at all).
 * `flash_varlen`: FlashAttention varlen kernels over the packed streams with `cu_seqlens`, from the `flash_attn`
   package when importable, else PyTorch's own `torch.nn.attention.varlen.varlen_attn`. CUDA, fp16/bf16 only.
+* `tiled`: for CPUs in bfloat16. PyTorch's CPU flash kernel does bfloat16 attention in float32 arithmetic (measured
+  on an AVX512-BF16 EPYC: no faster than float32), so half of a bfloat16 video step went to it. Here the generated
+  tokens' attention runs per sample as two bfloat16 GEMMs over tiles of query rows with the softmax in between,
+  while a tile's scores are in cache (1.5x faster on that machine). Its scores are rounded to bfloat16 before the
+  softmax, where flash kernels keep them in float32: about twice SDPA's rounding error, still within bfloat16's.
+  The text's causal attention (once per request with a text cache) stays on SDPA.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from torch import Tensor
 
 from .layout import Cosmos3Layout
 
-ATTENTION_BACKENDS = ("native", "flex", "flash_varlen")
+ATTENTION_BACKENDS = ("native", "flex", "flash_varlen", "tiled")
 _ALIASES = {"sdpa": "native", "torch": "native", "flash_attn_varlen": "flash_varlen"}
 
 
@@ -208,6 +214,47 @@ def _check_varlen_inputs(q: Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# tiled: query tiles over all keys, as GEMMs in the inputs' dtype
+# ---------------------------------------------------------------------------------------------------------------
+
+# One tile's scores [Hkv, rows, Lk]: small enough to stay in cache from the first GEMM through the softmax to the
+# second (128 to 512 rows per head measured alike at 2,348 keys).
+_TILE_BYTES = 4 << 20
+
+
+def _tiled(q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> Tensor:
+    """Attention of one sample, no mask: q `[Lq, H, D]`, k/v `[Lk, Hkv, D]` -> `out` `[Lq, H, D]`.
+
+    The query heads that share a K/V head are stacked as rows, so one GEMM per K/V head serves its whole group."""
+    Lq, H, D = q.shape
+    Lk, Hkv, _ = k.shape
+    G = H // Hkv
+    k_t = (k * D**-0.5).permute(1, 2, 0).contiguous()  # [Hkv, D, Lk], the scale folded into K (fewer than Q)
+    v_h = v.transpose(0, 1).contiguous()  # [Hkv, Lk, D]
+    tokens = max(1, _TILE_BYTES // (H * Lk * q.element_size()))  # query tokens per tile
+    for start in range(0, Lq, tokens):
+        t = min(tokens, Lq - start)
+        q_tile = q[start:start + t].reshape(t, Hkv, G, D).permute(1, 0, 2, 3).reshape(Hkv, t * G, D)
+        p = torch.softmax(torch.bmm(q_tile, k_t), dim=-1)  # [Hkv, t*G, Lk]
+        o = torch.bmm(p, v_h)  # [Hkv, t*G, D]
+        out[start:start + t].view(t, Hkv, G, D).copy_(o.view(Hkv, t, G, D).permute(1, 0, 2, 3))
+    return out
+
+
+def _tiled_gen(q: Tensor, k_und: Tensor, v_und: Tensor, k_gen: Tensor, v_gen: Tensor, layout: Cosmos3Layout) -> Tensor:
+    """Per sample, so no padding and no mask (batching buys a compute-bound CPU nothing)."""
+    out = torch.empty_like(q)
+    u0 = g0 = 0
+    for text, gen in zip(layout.text_lengths, layout.gen_lengths):
+        u1, g1 = u0 + text, g0 + gen
+        k = torch.cat([k_und[u0:u1], k_gen[g0:g1]])  # [L_b + G_b, Hkv, D]
+        v = torch.cat([v_und[u0:u1], v_gen[g0:g1]])
+        _tiled(q[g0:g1], k, v, out[g0:g1])
+        u0, g0 = u1, g1
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The two calls a layer makes
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -218,7 +265,7 @@ def _check_varlen_inputs(q: Tensor) -> None:
 @torch.compiler.disable
 def und_attention(q: Tensor, k: Tensor, v: Tensor, layout: Cosmos3Layout, backend: str = "native") -> Tensor:
     """Causal attention within each sample's text. q `[Nu, H, D]`, k/v `[Nu, Hkv, D]` -> `[Nu, H, D]`."""
-    if backend == "native":
+    if backend in ("native", "tiled"):
         # Right padding: a real query never reaches the padded keys behind it, so causal needs no extra mask.
         out = _sdpa(_to_padded(q, layout, "und"), _to_padded(k, layout, "und"), _to_padded(v, layout, "und"),
                     causal=True)
@@ -245,6 +292,8 @@ def gen_attention(
         v_pad = torch.cat([_to_padded(v_und, layout, "und"), _to_padded(v_gen, layout, "gen")], dim=2)
         out = _sdpa(q_pad, k_pad, v_pad, mask=_key_padding_mask(layout, q.device))
         return _from_padded(out, layout, "gen")
+    if backend == "tiled":
+        return _tiled_gen(q, k_und, v_und, k_gen, v_gen, layout)
     if backend == "flex":
         return _flex(q, torch.cat([k_und, k_gen]), torch.cat([v_und, v_gen]), _flex_masks(layout, q.device)[1])
     if backend == "flash_varlen":

@@ -204,7 +204,7 @@ def cpu_varlen(monkeypatch):
     monkeypatch.setattr(attention_module, "flash_varlen_available", lambda: True)
 
 
-@pytest.mark.parametrize("backend", ["native", "flex", "flash_varlen"])
+@pytest.mark.parametrize("backend", ["native", "flex", "flash_varlen", "tiled"])
 def test_batched_equals_single(backend, cpu_varlen):
     model = make_model("sound_action")
     model.set_attention_backend(backend)
@@ -226,7 +226,7 @@ def test_batched_tensor_input_returns_tensors():
     assert max_diff(out.sample[1], single.sample[0]) <= 5e-6
 
 
-@pytest.mark.parametrize("backend", ["flex", "flash_varlen"])
+@pytest.mark.parametrize("backend", ["flex", "flash_varlen", "tiled"])
 def test_backends_agree_with_native(backend, cpu_varlen):
     model = make_model("edge")
     samples, inputs, timesteps = mixed_batch(model.config)
