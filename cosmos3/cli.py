@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--sound", action="store_true", help="also generate sound (video tasks)")
     g.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    g.add_argument("--attention", default=None,
+                   help="attention backend: native, flex, flash_varlen, tiled (default: tiled on a CPU in bfloat16, "
+                        "where PyTorch's CPU attention runs at float32 speed; native otherwise)")
     t = sub.add_parser("train", help="fine-tune with a TOML recipe (also under torchrun)")
     t.add_argument("recipe", help="TOML recipe (see cosmos3.training.config)")
     d = sub.add_parser("distill", help="distill a few-step student with a TOML recipe (also under torchrun)")
@@ -182,6 +185,11 @@ def generate(args: argparse.Namespace) -> dict:
         pipe = cls.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype)).to(device)
     except OSError as e:
         _fail(f"--model {args.model!r} is not a readable Cosmos 3 checkpoint folder: {e}")
+    attention = args.attention or ("tiled" if device.type == "cpu" and args.dtype == "bfloat16" else "native")
+    try:
+        pipe.transformer.set_attention_backend(attention)
+    except ValueError as e:
+        _fail(f"--attention: {e}")
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     common = dict(negative_prompt=args.negative_prompt, generator=generator, output_type="np")
     if args.steps is not None:

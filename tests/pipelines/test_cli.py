@@ -47,6 +47,24 @@ def test_policy_writes_actions(model_dir, tmp_path):
     assert cio.read_video(out).frames.shape[0] == 9
 
 
+def test_attention_backend_defaults_to_tiled_on_a_bfloat16_cpu(model_dir, tmp_path, monkeypatch, capsys):
+    from cosmos3 import Cosmos3Transformer
+
+    chosen = []
+    original = Cosmos3Transformer.set_attention_backend
+    monkeypatch.setattr(Cosmos3Transformer, "set_attention_backend",
+                        lambda self, name: (chosen.append(name), original(self, name)))
+    base = ["generate", "--task", "t2i", "--model", model_dir, "--prompt", "a cat", "--out", str(tmp_path / "a.png"),
+            "--steps", "1", "--device", "cpu", "--height", "32", "--width", "48"]
+    cli.main([*base, "--dtype", "bfloat16"])
+    cli.main([*base, "--dtype", "float32"])
+    cli.main([*base, "--dtype", "bfloat16", "--attention", "sdpa"])
+    assert chosen == ["tiled", "native", "sdpa"]
+    with pytest.raises(SystemExit) as err:
+        cli.main([*base, "--attention", "fast"])
+    assert err.value.code == 2 and "--attention: Unknown attention backend 'fast'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [
