@@ -65,3 +65,11 @@ def test_tiled_backend_on_a_bfloat16_model():
         model.set_attention_backend("tiled")
         got = model(layout, vision, 700.0).sample.float()
     assert ((got - native).norm() / native.norm()).item() < 0.02
+
+
+def test_tiled_gradients_equal_sdpa(monkeypatch):
+    monkeypatch.setattr(attention_module, "_TILE_BYTES", 3000)
+    q, k, v = (x.requires_grad_(True) for x in qkv(37, 50, 8, 2, 16))
+    grads = [torch.autograd.grad(out.square().sum(), (q, k, v)) for out in (tiled(q, k, v), sdpa(q, k, v))]
+    for a, b in zip(*grads):
+        assert (a - b).abs().max().item() < 1e-5
