@@ -178,6 +178,13 @@ def generate(args: argparse.Namespace) -> dict:
             raise RuntimeError("CUDA is not available here")
     except RuntimeError as e:
         _fail(f"--device {args.device!r}: {e}")
+    from .models.attention import resolve_backend
+
+    try:
+        attention = resolve_backend(args.attention or
+                                    ("tiled" if device.type == "cpu" and args.dtype == "bfloat16" else "native"))
+    except ValueError as e:
+        _fail(f"--attention: {e}")
     classes = {"t2i": Cosmos3TextToImagePipeline, "t2v": Cosmos3TextToVideoPipeline, "i2v": Cosmos3ImageToVideoPipeline,
                "v2v": Cosmos3VideoToVideoPipeline}
     cls = classes.get(args.task, Cosmos3WorldActionPipeline)
@@ -185,11 +192,7 @@ def generate(args: argparse.Namespace) -> dict:
         pipe = cls.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype)).to(device)
     except OSError as e:
         _fail(f"--model {args.model!r} is not a readable Cosmos 3 checkpoint folder: {e}")
-    attention = args.attention or ("tiled" if device.type == "cpu" and args.dtype == "bfloat16" else "native")
-    try:
-        pipe.transformer.set_attention_backend(attention)
-    except ValueError as e:
-        _fail(f"--attention: {e}")
+    pipe.transformer.set_attention_backend(attention)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     common = dict(negative_prompt=args.negative_prompt, generator=generator, output_type="np")
     if args.steps is not None:

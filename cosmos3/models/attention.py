@@ -18,8 +18,10 @@ head_dim). Backends, chosen with `Cosmos3Transformer.set_attention_backend`:
   on an AVX512-BF16 EPYC: no faster than float32), so half of a bfloat16 video step went to it. Here the generated
   tokens' attention runs per sample as two bfloat16 GEMMs over tiles of query rows with the softmax in between,
   while a tile's scores are in cache (1.5x faster on that machine). Its scores are rounded to bfloat16 before the
-  softmax, where flash kernels keep them in float32: about twice SDPA's rounding error, still within bfloat16's.
-  The text's causal attention (once per request with a text cache) stays on SDPA.
+  softmax, where flash kernels keep them in float32: 0.4-0.5% from exact attention against SDPA's 0.17%, within
+  the rounding of a bfloat16 layer. For inference: a backward pass would keep every tile's probabilities, the whole
+  `[H, Lq, Lk]` matrix per layer, where SDPA keeps one value per row. The text's causal attention (once per request
+  with a text cache) stays on SDPA.
 """
 
 from __future__ import annotations

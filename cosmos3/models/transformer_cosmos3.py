@@ -524,7 +524,8 @@ class Cosmos3Transformer(ModelMixin, ConfigMixin, CacheMixin):
         return (model, info) if wants_info else model
 
     def set_attention_backend(self, backend: str) -> None:
-        """Select the attention kernel: `native` (SDPA, default), `flex`, or `flash_varlen`."""
+        """Select the attention kernel: `native` (SDPA, default), `flex`, `flash_varlen` or `tiled` (CPU bfloat16
+        inference); see cosmos3/models/attention.py."""
         self.attention_backend = resolve_backend(backend)
 
     def reset_attention_backend(self) -> None:

@@ -42,17 +42,18 @@ def test_tiled_writes_into_a_slice_of_the_packed_output():
     assert (out[5:15] - sdpa(q[3:13], k, v)).abs().max().item() < 1e-5
 
 
-def test_tiled_bfloat16_error_stays_within_bfloat16s():
-    """Scores are rounded to bfloat16 before the softmax (SDPA's CPU kernel keeps them in float32): measured 0.45%
-    from exact where SDPA is 0.23% on inputs like these. Both against float64 attention of the same bf16 inputs."""
-    q, k, v = qkv(256, 300, 16, 4, 64, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dim", [64, 128])  # 1/8 is exact in bf16; 1/sqrt(128), the presets' scale, is not
+def test_tiled_bfloat16_error_stays_within_bfloat16s(dim):
+    """Scores are rounded to bfloat16 before the softmax (SDPA's CPU kernel keeps them in float32): measured 0.42%
+    (head dim 64) and 0.47% (128) from exact where SDPA is 0.17%. Against float64 attention of the same inputs."""
+    q, k, v = qkv(256, 300, 16, 4, dim, dtype=torch.bfloat16)
     exact = sdpa(q.double(), k.double(), v.double())
 
     def error(out):
         return ((out.double() - exact).norm() / exact.norm()).item()
 
     assert error(tiled(q, k, v)) < 0.01
-    assert error(tiled(q, k, v)) < 3 * error(sdpa(q, k, v))
+    assert error(tiled(q, k, v)) < 3.5 * error(sdpa(q, k, v))
 
 
 def test_tiled_backend_on_a_bfloat16_model():

@@ -48,21 +48,27 @@ def test_policy_writes_actions(model_dir, tmp_path):
 
 
 def test_attention_backend_defaults_to_tiled_on_a_bfloat16_cpu(model_dir, tmp_path, monkeypatch, capsys):
-    from cosmos3 import Cosmos3Transformer
+    from cosmos3 import Cosmos3TextToImagePipeline
+    from cosmos3.models import attention
 
-    chosen = []
-    original = Cosmos3Transformer.set_attention_backend
-    monkeypatch.setattr(Cosmos3Transformer, "set_attention_backend",
-                        lambda self, name: (chosen.append(name), original(self, name)))
+    calls = []
+    tiled_gen = attention._tiled_gen
+    monkeypatch.setattr(attention, "_tiled_gen", lambda *a: (calls.append(1), tiled_gen(*a))[1])
     base = ["generate", "--task", "t2i", "--model", model_dir, "--prompt", "a cat", "--out", str(tmp_path / "a.png"),
             "--steps", "1", "--device", "cpu", "--height", "32", "--width", "48"]
-    cli.main([*base, "--dtype", "bfloat16"])
-    cli.main([*base, "--dtype", "float32"])
-    cli.main([*base, "--dtype", "bfloat16", "--attention", "sdpa"])
-    assert chosen == ["tiled", "native", "sdpa"]
+    ran = []
+    for extra in (["--dtype", "bfloat16"], ["--dtype", "float32"], ["--dtype", "bfloat16", "--attention", "sdpa"]):
+        calls.clear()
+        cli.main([*base, *extra])
+        ran.append(bool(calls))
+    assert ran == [True, False, False]  # the forward went through the tiled kernel only by default in bf16
+
+    loads = []
+    monkeypatch.setattr(Cosmos3TextToImagePipeline, "from_pretrained", lambda *a, **k: loads.append(1))
     with pytest.raises(SystemExit) as err:
         cli.main([*base, "--attention", "fast"])
     assert err.value.code == 2 and "--attention: Unknown attention backend 'fast'" in capsys.readouterr().err
+    assert not loads  # refused before loading the model
 
 
 @pytest.mark.parametrize(
