@@ -127,7 +127,7 @@ def generate(args: argparse.Namespace) -> dict:
     if ext != expected:
         _fail(f"--out for --task {args.task} must end in {expected}, got {args.out!r}")
     if args.model is None:
-        from .demo import default_model_folder
+        from .assets import default_model_folder
 
         try:
             args.model = default_model_folder()
@@ -189,7 +189,7 @@ def generate(args: argparse.Namespace) -> dict:
                "v2v": Cosmos3VideoToVideoPipeline}
     cls = classes.get(args.task, Cosmos3WorldActionPipeline)
     try:
-        pipe = cls.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype)).to(device)
+        pipe = cls.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device)
     except OSError as e:
         _fail(f"--model {args.model!r} is not a readable Cosmos 3 checkpoint folder: {e}")
     pipe.transformer.set_attention_backend(attention)
@@ -220,9 +220,7 @@ def generate(args: argparse.Namespace) -> dict:
     result = {"out": args.out}
     if out.action is not None and out.action[0] is not None:
         actions_path = os.path.splitext(args.out)[0] + ".json"
-        with open(actions_path + ".tmp", "w") as f:
-            json.dump(out.action[0].tolist(), f)
-        os.replace(actions_path + ".tmp", actions_path)
+        cio.atomic_write_json(actions_path, out.action[0].tolist(), indent=None)
         result["actions"] = actions_path
     return result
 

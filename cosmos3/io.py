@@ -13,6 +13,8 @@ Notable choices:
   `cosmos3` package (torch, ~3 s). A decoder that segfaults, aborts or hangs costs only the child: the caller gets a
   `MediaDecodeError` naming the signal, or the child is killed after `MediaLimits.timeout_s`. `isolated=False`
   decodes in-process for trusted files (no ~0.2 s process start; the timeout is then only checked between frames).
+  Code with its own in-process decode of trusted files (`cosmos3.training.datasets` seeks by timestamp) builds
+  on the same checks: `check_input_path`, `open_video`, `decode_frames`, `check_deadline`, `decode_error`.
 * **Limits before work.** File size is checked before the child starts, and the container header (dimensions,
   duration, declared frame count, channels) before anything is decoded, so a header claiming 100000x100000 is
   refused without allocating. Headers lie, so the same limits are enforced again on every decoded frame.
@@ -23,7 +25,8 @@ Notable choices:
 * **Frame selection counts decoded frames** from the start of the stream (frame-exact, no keyframe seeking).
   `fps` keeps the first frame of each 1/fps interval and never repeats frames: the returned fps is
   `min(fps, source fps)`. Audio read along with video is cut to the time span of the selected frames.
-* **Writes are atomic**: a temporary file in the destination directory, then `os.replace` (no fsync).
+* **Writes are atomic**: a temporary file in the destination directory, then `os.replace` (no fsync). The same
+  machinery is public for any file: `atomic_path`, `atomic_write_bytes`/`_text`/`_json`, `atomic_directory`.
 * **Only plain container demuxers** (mp4/mov, Matroska/WebM, AVI, MPEG-TS, Y4M, Ogg, MP3, AAC, WAV, FLAC): playlist
   and indirection formats (HLS, concat, image sequences) would open other files named inside the input.
 * **Truncation is an error**, not a short clip: a video that decodes clearly fewer frames than its header declares
@@ -178,8 +181,9 @@ class _Selection:
 # ---------------------------------------------------------------------------------------------- argument checks
 
 
-def _require(module: str, extra: str) -> Any:
-    """Import an optional dependency, saying which extra installs it."""
+def require_extra(module: str, extra: str) -> Any:
+    """Import and return the optional dependency `module` (e.g. "av"); when it is missing, the `ImportError` says
+    which extra of cosmos3 installs it (`pip install 'cosmos3[<extra>]'`)."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
@@ -209,8 +213,10 @@ def _selection(start_frame: Any, end_frame: Any, fps: Any, max_frames: Any) -> _
     return _Selection(start, end, target, _int_arg("max_frames", max_frames, 1, allow_none=True))
 
 
-def _check_input(path: Any, limits: Any) -> str:
-    """Type checks, then what the file system says: a non-empty regular file within `max_bytes`."""
+def check_input_path(path: str | os.PathLike, limits: MediaLimits) -> str:
+    """Check a media file before anything opens it and return its path as a str: `path` must be a str or
+    os.PathLike naming a non-empty regular file of at most `limits.max_bytes` (else `MediaDecodeError`; a missing
+    file is `FileNotFoundError`), and `limits` a `MediaLimits` (else `TypeError`)."""
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"`path` must be a str or os.PathLike, got {type(path).__name__}.")
     if not isinstance(limits, MediaLimits):
@@ -250,12 +256,16 @@ def _check_audio_header(path: str, rate: int, channels: int, duration: float | N
         raise MediaDecodeError(f"{path!r}: audio has {found}, over max_audio_samples={limits.max_audio_samples}.")
 
 
-def _check_deadline(path: str, deadline: float | None, limits: MediaLimits) -> None:
+def check_deadline(path: str, deadline: float | None, limits: MediaLimits) -> None:
+    """Raise `MediaDecodeError` once `time.monotonic()` is past `deadline` (None: no deadline). Callers set
+    `deadline = time.monotonic() + limits.timeout_s` and check between frames: an in-process decode has no watchdog."""
     if deadline is not None and time.monotonic() > deadline:
         raise MediaDecodeError(f"{path!r}: decoding timed out after {limits.timeout_s} s (timeout_s).")
 
 
-def _wrap(path: str, what: str, error: Exception) -> MediaDecodeError:
+def decode_error(path: str, what: str, error: Exception) -> MediaDecodeError:
+    """The `MediaDecodeError` to raise (`from None`) for a decoder exception `error` on `path`: the library's own
+    exception types vary with the decoder and version, callers catch one type that names the file."""
     return MediaDecodeError(f"{path!r}: {what} ({type(error).__name__}: {error}).")
 
 
@@ -268,19 +278,21 @@ _DEMUXER_ALLOWLIST = "mov,matroska,avi,mpegts,yuv4mpegpipe,ogg,mp3,aac,wav,flac"
 
 
 def _av_open(path: str) -> Any:
-    av = _require("av", "video")
+    av = require_extra("av", "video")
     try:
         return av.open(path, mode="r", metadata_errors="ignore", options={"format_whitelist": _DEMUXER_ALLOWLIST})
     except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
-        raise _wrap(path, "not a readable media file", e) from None
+        raise decode_error(path, "not a readable media file", e) from None
 
 
 def _stream_kinds(container: Any) -> list[str]:
     return sorted({stream.type for stream in container.streams}) or ["none"]
 
 
-def _open_video(path: str, limits: MediaLimits) -> tuple[Any, Any, VideoInfo]:
-    """Open the container and validate the first video stream's header; nothing is decoded yet."""
+def open_video(path: str, limits: MediaLimits) -> tuple[Any, Any, VideoInfo]:
+    """Open `path` with PyAV, in this process, and check its first video stream's header against `limits`;
+    nothing is decoded yet. Returns `(container, stream, info)`; the caller closes the container. For trusted
+    files only (the readers above sandbox this); pass `path` through `check_input_path` first."""
     container = _av_open(path)
     try:
         if not container.streams.video:
@@ -307,9 +319,11 @@ def _open_video(path: str, limits: MediaLimits) -> tuple[Any, Any, VideoInfo]:
         raise
 
 
-def _decode(container: Any, stream: Any, path: str) -> Iterator[Any]:
-    """Decoded frames of `stream`. Demuxing ourselves lets us refuse packets FFmpeg flags as corrupt, e.g. cut
-    short by a truncated file: with frame threading the decoder itself reports nothing and just stops early."""
+def decode_frames(container: Any, stream: Any, path: str) -> Iterator[Any]:
+    """Decoded `av` frames of `stream` (from `open_video`); a corrupt packet is a `MediaDecodeError`.
+
+    Demuxing ourselves lets us refuse packets FFmpeg flags as corrupt, e.g. cut short by a truncated file: with
+    frame threading the decoder itself reports nothing and just stops early."""
     for packet in container.demux(stream):
         if packet.is_corrupt:
             raise MediaDecodeError(f"{path!r}: truncated or corrupt {stream.type} packet at pts {packet.pts}.")
@@ -344,8 +358,8 @@ def _frames(
     ratio = Fraction(sel.fps) / rate if sel.fps is not None and Fraction(sel.fps) < rate else None
     emitted, last_slot, index, first_time, ran_out = 0, -1, -1, None, False
     try:
-        for index, frame in enumerate(_decode(container, stream, path)):
-            _check_deadline(path, deadline, limits)
+        for index, frame in enumerate(decode_frames(container, stream, path)):
+            check_deadline(path, deadline, limits)
             if (frame.width, frame.height) != (width, height):
                 found = f"{frame.width}x{frame.height}"
                 raise MediaDecodeError(f"{path!r}: frame {index} is {found} but the header says {width}x{height}.")
@@ -376,7 +390,7 @@ def _frames(
     except MediaDecodeError:
         raise
     except Exception as e:
-        raise _wrap(path, f"decoding failed after frame {index}", e) from None
+        raise decode_error(path, f"decoding failed after frame {index}", e) from None
     if emitted == 0:
         found = f"the stream has {index + 1} decodable frames"
         raise MediaDecodeError(f"{path!r}: no frames in [start_frame={sel.start}, end_frame={sel.end}) ({found}).")
@@ -446,7 +460,7 @@ def _decode_av_audio(
 ) -> tuple[np.ndarray | None, int | None]:
     """The first audio stream as `[C, S]` float32, optionally cut to `window` seconds; `(None, None)` if there is
     no audio stream and it is not `required`."""
-    av = _require("av", "video")
+    av = require_extra("av", "video")
     with _av_open(path) as container:
         if not container.streams.audio:
             if not required:
@@ -460,8 +474,8 @@ def _decode_av_audio(
         parts, total = [], 0
         try:
             resampler = av.AudioResampler(format="fltp", layout=context.layout, rate=rate)
-            for frame in itertools.chain(_decode(container, stream, path), [None]):  # None flushes the resampler
-                _check_deadline(path, deadline, limits)
+            for frame in itertools.chain(decode_frames(container, stream, path), [None]):  # None flushes the resampler
+                check_deadline(path, deadline, limits)
                 for out in resampler.resample(frame):
                     parts.append(out.to_ndarray().reshape(channels, -1))
                     total += parts[-1].shape[1]
@@ -470,7 +484,7 @@ def _decode_av_audio(
         except MediaDecodeError:
             raise
         except Exception as e:
-            raise _wrap(path, "audio decoding failed", e) from None
+            raise decode_error(path, "audio decoding failed", e) from None
     samples = np.concatenate(parts, axis=1) if parts else np.zeros((channels, 0), np.float32)
     if duration is not None:  # AAC pads its last frame; the container knows the true length
         samples = samples[:, : round(duration * rate)]
@@ -500,7 +514,7 @@ def _check_wav_length(path: str) -> None:
 
 
 def _decode_soundfile(path: str, limits: MediaLimits) -> tuple[np.ndarray, int]:
-    sf = _require("soundfile", "audio")
+    sf = require_extra("soundfile", "audio")
     try:
         info = sf.info(path)
         duration = info.frames / info.samplerate if info.samplerate else None
@@ -509,7 +523,7 @@ def _decode_soundfile(path: str, limits: MediaLimits) -> tuple[np.ndarray, int]:
     except MediaDecodeError:
         raise
     except Exception as e:
-        raise _wrap(path, "not a readable audio file", e) from None
+        raise decode_error(path, "not a readable audio file", e) from None
     if data.shape[0] == 0:
         raise MediaDecodeError(f"{path!r}: no audio samples decoded.")
     if data.shape[0] > limits.max_audio_samples:
@@ -541,11 +555,11 @@ def _decode_image(path: str, limits: MediaLimits) -> np.ndarray:
     except MediaDecodeError:
         raise
     except UnidentifiedImageError as e:
-        raise _wrap(path, f"not a {'/'.join(IMAGE_FORMATS)} image", e) from None
+        raise decode_error(path, f"not a {'/'.join(IMAGE_FORMATS)} image", e) from None
     except DecompressionBombError as e:  # Pillow checks the header size inside `open`, before we can
-        raise _wrap(path, "the header claims an absurd size, refused before decoding", e) from None
+        raise decode_error(path, "the header claims an absurd size, refused before decoding", e) from None
     except Exception as e:  # truncated data, ...
-        raise _wrap(path, "image decoding failed", e) from None
+        raise decode_error(path, "image decoding failed", e) from None
 
 
 # ---------------------------------------------------------------------------------------------- the worker process
@@ -587,7 +601,7 @@ def _serve(request: dict[str, Any], channel: _Channel) -> None:
         channel.send({"type": "done", "audio": spec, "sample_rate": rate})
         return
     sel = _Selection(**params["selection"])
-    container, stream, info = _open_video(path, limits)
+    container, stream, info = open_video(path, limits)
     with container:
         if op != "probe":
             _precheck(path, info, sel, limits, full=op == "video")
@@ -641,7 +655,7 @@ def _worker_main() -> None:
     except MediaDecodeError as e:
         channel.send({"type": "error", "message": str(e)})
     except Exception as e:
-        channel.send({"type": "error", "message": str(_wrap(request["path"], "decoding failed", e))})
+        channel.send({"type": "error", "message": str(decode_error(request["path"], "decoding failed", e))})
 
 
 class _Worker:
@@ -756,9 +770,9 @@ class _Worker:
 def probe_video(path: str | os.PathLike, *, limits: MediaLimits = DEFAULT_LIMITS, isolated: bool = True) -> VideoInfo:
     """What the video's header declares (size, fps, frame count, duration, audio), after checking it against
     `limits`; decodes nothing."""
-    path = _check_input(path, limits)
+    path = check_input_path(path, limits)
     if not isolated:
-        container, _, info = _open_video(path, limits)
+        container, _, info = open_video(path, limits)
         container.close()
         return info
     with _Worker("probe", path, limits, selection=dataclasses.asdict(_Selection())) as worker:
@@ -782,7 +796,7 @@ def read_video(
     and at most `max_frames` are returned. `with_audio` adds the first audio stream, cut to the same time span
     (`audio` stays None when the file has none). `isolated=False` decodes in this process: trusted files only.
     """
-    path = _check_input(path, limits)
+    path = check_input_path(path, limits)
     sel = _selection(start_frame, end_frame, fps, max_frames)
     if not isinstance(with_audio, bool):
         raise TypeError(f"`with_audio` must be a bool, got {with_audio!r}.")
@@ -794,7 +808,7 @@ def read_video(
             audio = worker.load(done["audio"]) if done["audio"] else None
         return VideoClip(frames, done["fps"], audio, done["sample_rate"])
     deadline = time.monotonic() + limits.timeout_s
-    container, stream, info = _open_video(path, limits)
+    container, stream, info = open_video(path, limits)
     with container:
         expected = _precheck(path, info, sel, limits, full=True)
         frames = _frames(container, stream, sel, limits, path, deadline, True)
@@ -835,7 +849,7 @@ class VideoStream:
                 raise
             self._chunks = _remote_chunks(self._worker)
         else:
-            self._container, stream, self.info = _open_video(path, limits)
+            self._container, stream, self.info = open_video(path, limits)
             try:
                 _precheck(path, self.info, sel, limits, full=False)
             except BaseException:
@@ -887,7 +901,7 @@ def stream_video(
     """Iterate over a video in chunks of `chunk_frames` frames, holding one chunk at a time (plus one decoded ahead
     in the worker). The selection arguments are those of `read_video`; concatenating the chunks gives its frames.
     The header is checked here, so a bad file raises before the first chunk."""
-    path = _check_input(path, limits)
+    path = check_input_path(path, limits)
     sel = _selection(start_frame, end_frame, fps, max_frames)
     return VideoStream(path, sel, _int_arg("chunk_frames", chunk_frames, 1), limits, isolated)
 
@@ -899,7 +913,7 @@ def read_image(
 
     EXIF orientation is applied; alpha is dropped; animated images give their first frame.
     """
-    path = _check_input(path, limits)
+    path = check_input_path(path, limits)
     if not isolated:
         return _decode_image(path, limits)
     with _Worker("image", path, limits) as worker:
@@ -911,7 +925,7 @@ def read_audio(
 ) -> AudioClip:
     """Decode audio into `[C, S]` float32: WAV/FLAC through soundfile, anything else (AAC in mp4/m4a, the audio
     track of a video, ...) through PyAV."""
-    path = _check_input(path, limits)
+    path = check_input_path(path, limits)
     if not isolated:
         samples, rate = _decode_audio(path, limits, time.monotonic() + limits.timeout_s)
         return AudioClip(samples, rate)
@@ -972,9 +986,31 @@ def _umask() -> int:
     return 0o022
 
 
+# ---------------------------------------------------------------------------------------------- atomic writes
+
+
+def _output_arg(path: Any) -> str:
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"`path` must be a str or os.PathLike, got {type(path).__name__}.")
+    path = os.fsdecode(path)
+    if not path:
+        raise ValueError("`path` must name a file, got ''.")
+    return path
+
+
 @contextlib.contextmanager
-def _atomic_output(path: str) -> Iterator[str]:
-    """A temporary path next to `path`, moved over it only if the body completes (readers never see half a file)."""
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Write a file atomically: yields a temporary path in `path`'s folder (an empty file) to write to; when the
+    body completes it is given the permissions of a newly created file (0o666 less the umask) and `os.replace`s
+    `path`, so readers see the old file or the complete new one, never half of one. On an error, or a
+    KeyboardInterrupt, the temporary file is removed and `path` is left as it was (absent, or the old file).
+
+        with atomic_path("out.parquet") as tmp:
+            pyarrow.parquet.write_table(table, tmp)
+
+    The folder must exist. No fsync: a power cut can still lose the write (see `atomic_write_bytes(fsync=True)`).
+    """
+    path = _output_arg(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path) or ".")
     os.close(fd)
     try:
@@ -985,6 +1021,37 @@ def _atomic_output(path: str) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _write_atomically(path: Any, content: str | bytes, encoding: str | None, fsync: bool) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb" if encoding is None else "w", encoding=encoding) as f:
+        f.write(content)
+        if fsync:  # before the rename, so the name never points at data that is not on disk yet
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray | memoryview, *, fsync: bool = False) -> None:
+    """Write `data` to `path` atomically (`atomic_path`); `fsync=True` also flushes it to disk before the rename,
+    for files that must survive a power cut."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"`data` must be bytes, bytearray or memoryview, got {type(data).__name__}.")
+    _write_atomically(path, data, None, fsync)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, encoding: str = "utf-8", fsync: bool = False) -> None:
+    """Write `text` to `path` atomically (`atomic_path`), encoded with `encoding`; `fsync` as `atomic_write_bytes`."""
+    if not isinstance(text, str):
+        raise TypeError(f"`text` must be a str, got {type(text).__name__}.")
+    _write_atomically(path, text, encoding, fsync)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, fsync: bool = False, **json_kwargs: Any) -> None:
+    """Write `obj` as JSON to `path` atomically (`atomic_path`), with a trailing newline; `json_kwargs` go to
+    `json.dumps` (default `indent=2`; `indent=None` for one line). `obj` is serialized before anything is created,
+    so an object JSON cannot encode raises `TypeError`/`ValueError` with no file touched."""
+    text = json.dumps(obj, **{"indent": 2, **json_kwargs})
+    atomic_write_text(path, text + "\n", fsync=fsync)
 
 
 @contextlib.contextmanager
@@ -1021,7 +1088,7 @@ def _add_audio_stream(container: Any, codec: str, channels: int, rate: int) -> A
 
 def _mux_audio(container: Any, stream: Any, audio: np.ndarray, start: int, stop: int) -> None:
     """Encode samples `[start, stop)` of `audio` (the encoder regroups them into its own frame size)."""
-    av = _require("av", "video")
+    av = require_extra("av", "video")
     if stop > start:
         layout = _LAYOUTS[audio.shape[0]]
         frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio[:, start:stop]), format="fltp", layout=layout)
@@ -1057,7 +1124,7 @@ def write_video(
         audio, sample_rate = _audio_arg(audio, sample_rate, max(_LAYOUTS))
     if options is not None and not all(isinstance(x, str) for item in dict(options).items() for x in item):
         raise TypeError(f"`options` must map str to str (FFmpeg encoder options), got {options!r}.")
-    av = _require("av", "video")
+    av = require_extra("av", "video")
     container_format, encoders, audio_codec = _VIDEO_CONTAINERS[ext]
     if codec is None:
         codec = next((c for c in encoders if c in av.codecs_available), None)
@@ -1065,7 +1132,7 @@ def write_video(
             raise ImportError(f"This PyAV build has none of the encoders {list(encoders)} for {ext} files.")
     elif not isinstance(codec, str) or codec not in av.codecs_available:
         raise ValueError(f"`codec`={codec!r} is not an encoder of this PyAV build (e.g. {list(encoders)}).")
-    with _atomic_output(path) as tmp, av.open(tmp, mode="w", format=container_format) as container:
+    with atomic_path(path) as tmp, av.open(tmp, mode="w", format=container_format) as container:
         video = container.add_stream(codec, rate=rate)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         video.options = {**_ENCODER_OPTIONS.get(codec, {}), **(options or {})}
@@ -1093,7 +1160,7 @@ def write_image(path: str | os.PathLike, image: Any, *, quality: int = 95) -> No
     if quality > 100:
         raise ValueError(f"`quality` must be in 1..100, got {quality}.")
     pil = Image.fromarray(np.ascontiguousarray(image))
-    with _atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         pil.save(tmp, format=_IMAGE_EXTENSIONS[ext], quality=quality)
 
 
@@ -1102,19 +1169,19 @@ def write_audio(path: str | os.PathLike, audio: Any, sample_rate: int, *, subtyp
     default, "PCM_24" or "FLOAT" for WAV), `.m4a`/`.mp4` as AAC through PyAV."""
     path, ext = _extension(path, {**_SOUNDFILE_EXTENSIONS, **_AV_AUDIO_EXTENSIONS})
     if ext in _SOUNDFILE_EXTENSIONS:
-        sf = _require("soundfile", "audio")
+        sf = require_extra("soundfile", "audio")
         audio, sample_rate = _audio_arg(audio, sample_rate, None)
         if subtype is not None and not sf.check_format(_SOUNDFILE_EXTENSIONS[ext], subtype):
             valid = sorted(sf.available_subtypes(_SOUNDFILE_EXTENSIONS[ext]))
             raise ValueError(f"`subtype`={subtype!r} is not valid for {ext}; valid: {valid}.")
-        with _atomic_output(path) as tmp:
+        with atomic_path(path) as tmp:
             sf.write(tmp, audio.T, sample_rate, format=_SOUNDFILE_EXTENSIONS[ext], subtype=subtype)
         return
     if subtype is not None:
         raise ValueError(f"`subtype` applies to .wav/.flac only, got {subtype!r} for {ext}.")
     audio, sample_rate = _audio_arg(audio, sample_rate, max(_LAYOUTS))
-    av = _require("av", "video")
-    with _atomic_output(path) as tmp, av.open(tmp, mode="w", format=_AV_AUDIO_EXTENSIONS[ext]) as container:
+    av = require_extra("av", "video")
+    with atomic_path(path) as tmp, av.open(tmp, mode="w", format=_AV_AUDIO_EXTENSIONS[ext]) as container:
         stream = _add_audio_stream(container, "aac", audio.shape[0], sample_rate)
         _mux_audio(container, stream, audio, 0, audio.shape[1])
         container.mux(stream.encode(None))

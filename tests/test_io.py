@@ -8,7 +8,10 @@ tone.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import pathlib
 import signal
 import stat
 import struct
@@ -503,3 +506,123 @@ def test_truncated_wav_is_an_error(tmp_path):
     (tmp_path / "cut.wav").write_bytes(data[: len(data) // 2])
     with pytest.raises(MediaDecodeError, match="truncated WAV"):
         cio.read_audio(tmp_path / "cut.wav")
+
+
+# ---------------------------------------------------------------------------------------------- atomic file writes
+
+
+class _Fspath:
+    """An os.PathLike that is not a pathlib.Path, as third-party path types are."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+
+    def __fspath__(self) -> str:
+        return self.path
+
+
+@contextlib.contextmanager
+def _umask_set(mask: int):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+WRITERS = {
+    "bytes": (lambda p: cio.atomic_write_bytes(p, b"new \x00 bytes"), lambda p: p.read_bytes() == b"new \x00 bytes"),
+    "text": (lambda p: cio.atomic_write_text(p, "new tëxt\n"), lambda p: p.read_text("utf-8") == "new tëxt\n"),
+    "json": (lambda p: cio.atomic_write_json(p, {"a": [1, 2.5, None]}), lambda p: json.loads(p.read_text()) == {
+        "a": [1, 2.5, None]}),
+}
+
+
+@pytest.mark.parametrize("kind", WRITERS)
+@pytest.mark.parametrize("wrap", [str, pathlib.Path, _Fspath], ids=["str", "Path", "PathLike"])
+def test_atomic_writes_replace_the_file_whole(tmp_path, kind, wrap):
+    write, check = WRITERS[kind]
+    path = tmp_path / "out.dat"
+    path.write_bytes(b"old")
+    write(wrap(path))
+    assert check(path) and os.listdir(tmp_path) == ["out.dat"]
+
+
+@pytest.mark.parametrize("wrap", [str, pathlib.Path, _Fspath], ids=["str", "Path", "PathLike"])
+def test_atomic_path_shows_the_file_only_after_the_body(tmp_path, wrap):
+    path = tmp_path / "out.bin"
+    with cio.atomic_path(wrap(path)) as tmp:
+        assert isinstance(tmp, str) and os.path.dirname(tmp) == str(tmp_path)
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+            assert not path.exists()  # a reader sees nothing until the body completes
+            f.write(b" and the rest")
+    assert path.read_bytes() == b"half and the rest" and os.listdir(tmp_path) == ["out.bin"]
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("existing", [True, False], ids=["old file", "no file"])
+def test_atomic_path_error_keeps_the_old_file_and_leaves_no_temp(tmp_path, error, existing):
+    path = tmp_path / "out.json"
+    if existing:
+        path.write_text("old content")
+    with pytest.raises(error), cio.atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write("half of the new con")
+        raise error("died mid-write")
+    assert os.listdir(tmp_path) == (["out.json"] if existing else [])
+    if existing:
+        assert path.read_text() == "old content"
+
+
+def test_atomic_write_json_refuses_unserializable_without_touching_disk(tmp_path):
+    path = tmp_path / "out.json"
+    path.write_text("old content")
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        cio.atomic_write_json(path, {"a": object()})
+    with pytest.raises(ValueError, match="Out of range float"):
+        cio.atomic_write_json(path, [float("nan")], allow_nan=False)
+    assert path.read_text() == "old content" and os.listdir(tmp_path) == ["out.json"]
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_follow_the_umask(tmp_path, mask, mode):
+    with _umask_set(mask):
+        cio.atomic_write_text(tmp_path / "a.txt", "x")
+        with cio.atomic_path(tmp_path / "b.bin") as tmp, open(tmp, "wb") as f:
+            f.write(b"x")
+    for name in ("a.txt", "b.bin"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode  # not mkstemp's 0600
+
+
+def test_atomic_write_json_format_and_round_trip(tmp_path):
+    obj = {"b": [1, 2], "a": {"x": "ü", "y": 0.1, "z": True, "n": None}}
+    cio.atomic_write_json(tmp_path / "a.json", obj)
+    text = (tmp_path / "a.json").read_text()
+    assert json.loads(text) == obj and text == json.dumps(obj, indent=2) + "\n"
+    cio.atomic_write_json(tmp_path / "b.json", obj, indent=None, sort_keys=True)
+    assert (tmp_path / "b.json").read_text() == json.dumps(obj, sort_keys=True) + "\n"
+
+
+def test_atomic_write_fsync_flushes_before_the_rename(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.path.exists(tmp_path / "b.json")) or real_fsync(fd))
+    cio.atomic_write_json(tmp_path / "a.json", [1])
+    assert synced == []
+    cio.atomic_write_json(tmp_path / "b.json", [1], fsync=True)
+    assert synced == [False] and json.loads((tmp_path / "b.json").read_text()) == [1]
+
+
+def test_atomic_write_arguments(tmp_path):
+    with pytest.raises(TypeError, match="`path` must be a str or os.PathLike, got int"):
+        cio.atomic_write_text(3, "x")
+    with pytest.raises(ValueError, match="`path` must name a file"):
+        cio.atomic_write_bytes("", b"x")
+    with pytest.raises(TypeError, match="`data` must be bytes, bytearray or memoryview, got str"):
+        cio.atomic_write_bytes(tmp_path / "a", "text")
+    with pytest.raises(TypeError, match="`text` must be a str, got bytes"):
+        cio.atomic_write_text(tmp_path / "a", b"bytes")
+    with pytest.raises(FileNotFoundError):  # the folder must exist: nothing is created on the way
+        cio.atomic_write_text(tmp_path / "missing" / "a.txt", "x")
+    assert not list(tmp_path.iterdir())

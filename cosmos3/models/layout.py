@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -95,6 +96,25 @@ def grid_position_ids(
         h_ids = h_ids + int(temporal_offset)
         w_ids = w_ids + int(temporal_offset)
     return torch.stack([t_ids, h_ids, w_ids], dim=0)
+
+
+def patchify(latent: Tensor, patch_size: int = 2) -> Tensor:
+    """`[C, T, H, W]` -> `[T*h*w, p*p*C]` patches in (t, h, w) order; odd H/W are zero-padded up to p."""
+    p = patch_size
+    C, T, H, W = latent.shape
+    latent = F.pad(latent, (0, -W % p, 0, -H % p))
+    h, w = latent.shape[2] // p, latent.shape[3] // p
+    latent = latent.reshape(C, T, h, p, w, p)
+    return latent.permute(1, 2, 4, 3, 5, 0).reshape(T * h * w, p * p * C)  # [t h w (p q c)]
+
+
+def unpatchify(patches: Tensor, shape: tuple[int, int, int, int], patch_size: int = 2) -> Tensor:
+    """Inverse of `patchify` for a latent of `shape` `(C, T, H, W)`: `[T*h*w, p*p*C]` -> `[C, T, H, W]`."""
+    p = patch_size
+    C, T, H, W = shape
+    h, w = -(-H // p), -(-W // p)
+    patches = patches.reshape(T, h, w, p, p, C)
+    return patches.permute(5, 0, 1, 3, 2, 4).reshape(C, T, h * p, w * p)[:, :, :H, :W]
 
 
 def _cu_seqlens(lengths: list[int]) -> Tensor:

@@ -1,6 +1,7 @@
 """Cosmos 3 mixture-of-transformers (MoT): an understanding tower and a generation tower, one shared attention.
 
-Notable choices (see `docs`-style notes in `../shared/reference/cosmos3.md`):
+Notable choices (the reference is diffusers 0.42.1's `diffusers/models/transformers/transformer_cosmos3.py`; usage
+in the README's "The transformer" section):
 
 * Two full parameter sets per layer: the *und* (text) tower `to_q/to_k/to_v/to_out, norm_q/norm_k, mlp, *_layernorm`
   and the *gen* tower `add_q_proj/.../to_add_out, norm_added_q/k, mlp_moe_gen, *_layernorm_moe_gen`. Names and
@@ -34,9 +35,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import Tensor, nn
 
-from ..tokenizers.vision import patchify, unpatchify
 from .attention import _sdpa, gen_attention, resolve_backend, und_attention
-from .layout import Cosmos3Layout
+from .layout import Cosmos3Layout, patchify, unpatchify
 
 # Named presets (published sizes; see cosmos3.md §1). `tiny` is for tests.
 COSMOS3_PRESETS: dict[str, dict] = {

@@ -1,7 +1,8 @@
 """What every Cosmos 3 pipeline shares: components, loading, prompts, initial noise, the denoising loop, decoding.
 
-The task pipelines (one file each) only turn their inputs into `_Request`s (prompt ids, clean conditioning latents,
-masks) and pick their outputs; everything numerical lives here, once:
+The task pipelines (one file each) only turn their inputs into `cosmos3.conditioning.Cosmos3Request`s (prompt ids,
+clean conditioning latents and which positions are clean) and pick their outputs; everything numerical lives here,
+once, in named stages (`prepare_latents`, `prepare_model`, `set_schedule`, `guided_velocity`, `advance`, `decode`):
 
 * **Same numbers as the reference** (`diffusers.Cosmos3OmniPipeline`) for one sample: identical prompt ids, the
   initial noise drawn with the sample's generator in the same order and shapes (vision, then sound, then actions),
@@ -18,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +30,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from torch import Tensor
 
-from ..models.layout import Cosmos3Sample
+from ..conditioning import Cosmos3Request, check_video_size, guide, keep_clean, renoise
+from ..models.layout import Cosmos3Layout
 from ..models.transformer_cosmos3 import Cosmos3Transformer
 from ..optimize import CUDAGraphStep, offload_text_tower
 from ..tokenizers.sound import Cosmos3SoundTokenizer
@@ -98,49 +101,7 @@ class Cosmos3PipelineOutput(BaseOutput):
         cio.write_video(path, frames, fps, audio=audio, sample_rate=rate)
 
 
-@dataclass
-class _Request:
-    """One sample to generate: its prompt ids and what is clean at the start."""
-
-    cond_ids: list[int]
-    uncond_ids: list[int]
-    generator: torch.Generator | None
-    latent_shape: tuple[int, int, int, int]  # (C, T, h, w)
-    # [C, T, h, w] clean vision latents, read only at `condition_frames` (see `encode_conditioning`); None: nothing
-    x0: Tensor | None = None
-    condition_frames: tuple[int, ...] = ()
-    sound_length: int = 0
-    fps: float | None = None
-    # actions: clean values `[chunk, action_dim]` (zeros where generated), which tokens are clean, the embodiment
-    action_x0: Tensor | None = None
-    action_condition: tuple[int, ...] = ()
-    action_domain_id: int = 0
-    raw_action_dim: int | None = None
-
-
-def encode_conditioning(
-    tokenizer: Cosmos3VisionTokenizer, clip: Tensor, condition_frames: tuple[int, ...], latent_frames: int
-) -> Tensor:
-    """Clean latents `[C, latent_frames, h, w]` of `clip` `[1, 3, F, H, W]` at `condition_frames`, zeros after the last.
-
-    The Wan VAE is causal in time: latent frame k depends on pixel frames 0..4k only, and equals what encoding just
-    those frames gives (to float rounding: the convolutions may pick other kernels for other input strides). So only
-    the pixels up to the last conditioning frame are encoded (`clip` needs no more than those): one frame for
-    image-to-video, a policy or forward dynamics, where the reference encodes the whole clip. The latent frames past
-    it are never read (`_generate` blends `x0` in through the conditioning mask) and are left zero.
-    """
-    tf = tokenizer.temporal_factor
-    last = max(condition_frames)
-    if min(condition_frames) < 0 or last >= latent_frames:
-        raise ValueError(f"condition frames {list(condition_frames)} are outside the {latent_frames} latent frames "
-                         f"(valid: 0..{latent_frames - 1}).")
-    if clip.shape[2] < 1 + tf * last:
-        raise ValueError(f"latent frame {last} needs {1 + tf * last} pixel frames, the clip has {clip.shape[2]}.")
-    prefix = tokenizer.encode(clip[:, :, : 1 + tf * last].contiguous())[0]  # [C, last + 1, h, w]
-    return torch.cat([prefix, prefix.new_zeros(prefix.shape[0], latent_frames - 1 - last, *prefix.shape[2:])], dim=1)
-
-
-def _check_generators(generator, batch: int) -> list[torch.Generator | None]:
+def check_generators(generator, batch: int) -> list[torch.Generator | None]:
     if isinstance(generator, list):
         if len(generator) != batch:
             raise ValueError(f"`generator` is a list of {len(generator)} but the batch has {batch} samples.")
@@ -210,9 +171,17 @@ class Cosmos3PipelineBase(DiffusionPipeline):
         import os
 
         if "transformer" not in kwargs:
+            # diffusers loads every other component; our transformer must get the dtype diffusers would give it:
+            # `dtype` (or the deprecated `torch_dtype`), a dict looked up by component name, then "default".
+            dtype, torch_dtype = kwargs.get("dtype"), kwargs.get("torch_dtype")
+            if dtype is not None and torch_dtype is not None:
+                raise ValueError("You have passed both `dtype` and `torch_dtype`. Please only pass `dtype`, "
+                                 "`torch_dtype` is deprecated.")
+            dtype = torch_dtype if dtype is None else dtype
+            if isinstance(dtype, dict):
+                dtype = dtype.get("transformer", dtype.get("default", torch.float32))
             sub = os.path.join(str(pretrained_model_name_or_path), "transformer")
-            dtype = kwargs.get("torch_dtype")
-            kwargs["transformer"] = Cosmos3Transformer.from_pretrained(sub, torch_dtype=dtype)
+            kwargs["transformer"] = Cosmos3Transformer.from_pretrained(sub, dtype=dtype)
         kwargs.setdefault("enable_safety_checker", False)
         kwargs.setdefault("safety_checker", None)
         # Distilled (few-step) checkpoints carry their fixed schedule in `modular_model_index.json`.
@@ -262,9 +231,9 @@ class Cosmos3PipelineBase(DiffusionPipeline):
         while requests repeat the same prompts and shapes (a policy's control loop), which then also skip the text
         tower. `capture=False` runs the same path without a graph (for testing on CPU).
         """
-        self._cuda_graphs = bool(enabled)
         self._graph_capture = bool(capture)
         self._graph_step = None
+        self.model_step_factory = type(self).graph_model_step if enabled else None
 
     def enable_text_tower_offload(self, offload_device: str | torch.device = "cpu") -> None:
         """Keep the understanding tower in host memory, streamed to the GPU module by module when a request's text
@@ -294,7 +263,7 @@ class Cosmos3PipelineBase(DiffusionPipeline):
         return self._graph_step[1]
 
     # ---------------------------------------------------------------------------------------------------------
-    # Pieces the task pipelines use
+    # Requests: call arguments -> what is clean and what is noisy (cosmos3.conditioning)
     # ---------------------------------------------------------------------------------------------------------
 
     @property
@@ -305,8 +274,9 @@ class Cosmos3PipelineBase(DiffusionPipeline):
         """Prompt and negative token ids for each prompt (see `cosmos3.tokenizers.text.encode_prompts`)."""
         return encode_prompts(self.text_tokenizer, prompts, negatives, settings)
 
-    def _prompt_settings(self, num_frames, height, width, fps, use_system_prompt, add_resolution_template,
-                         add_duration_template, action_mode=None, action_view_point=None) -> PromptSettings:
+    def prompt_settings(self, num_frames, height, width, fps, use_system_prompt=None, add_resolution_template=True,
+                        add_duration_template=True, action_mode=None, action_view_point=None) -> PromptSettings:
+        """The prompt sentences a call with these arguments gets (`use_system_prompt=None`: the folder's default)."""
         if use_system_prompt is None:
             use_system_prompt = self.config.default_use_system_prompt
         return PromptSettings(
@@ -315,7 +285,8 @@ class Cosmos3PipelineBase(DiffusionPipeline):
             action_mode=action_mode, action_view_point=action_view_point,
         )
 
-    def _expand_prompts(self, prompt, negative_prompt, per_prompt: int):
+    def expand_prompts(self, prompt, negative_prompt, per_prompt: int) -> tuple[list[str], list[str | None]]:
+        """Prompts and their negatives, each repeated `per_prompt` times (one negative may serve every prompt)."""
         prompts = _as_prompt_list("prompt", prompt, allow_none=False)
         negatives = _as_prompt_list("negative_prompt", negative_prompt, allow_none=True)
         if negatives is not None and len(negatives) not in (1, len(prompts)):
@@ -330,7 +301,8 @@ class Cosmos3PipelineBase(DiffusionPipeline):
         negatives = [n for n in negatives for _ in range(per_prompt)]
         return prompts, negatives
 
-    def _check_common(self, num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs):
+    def check_call(self, num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs):
+        """The sampler arguments every task takes, checked before anything runs."""
         sigmas = self.config.distilled_sigmas
         if sigmas:
             # A distilled student: its steps and its (baked-in) guidance are fixed by the checkpoint.
@@ -351,44 +323,189 @@ class Cosmos3PipelineBase(DiffusionPipeline):
         if bad:
             raise ValueError(f"`callback_on_step_end_tensor_inputs` {bad} are not in {self._callback_tensor_inputs}.")
 
-    def _check_size(self, num_frames: int, height: int, width: int) -> None:
-        if not isinstance(num_frames, numbers.Integral) or isinstance(num_frames, bool) or num_frames < 1:
-            raise ValueError(f"`num_frames` must be a positive int, got {num_frames!r}.")
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 16 or value % 16:
-                lower = max(16, (value // 16) * 16) if isinstance(value, numbers.Integral) else 16
-                raise ValueError(f"`{name}` must be a multiple of 16, got {value!r} (nearest: {lower}, {lower + 16}).")
-        tf = int(self.vae.config.scale_factor_temporal)
-        if (num_frames - 1) % tf:
-            lower = (num_frames - 1) // tf * tf + 1
-            raise ValueError(f"`num_frames` must be 1 + {tf}k, got {num_frames} (nearest: {lower}, {lower + tf}).")
+    def prepare_requests(self, prompt, negative_prompt=None, *, num_per_prompt: int = 1, num_frames: int,
+                         height: int, width: int, fps: float = 24.0, enable_sound: bool = False,
+                         use_system_prompt: bool | None = None, add_resolution_template: bool = True,
+                         add_duration_template: bool = True) -> list[Cosmos3Request]:
+        """The text-conditioned requests of a text/image/video-to-video call (nothing clean yet: the image and video
+        tasks add their conditioning latents). Also what distillation trains a student on (`pipeline_prompts`)."""
+        check_video_size(num_frames, height, width, temporal_factor=int(self.vae.config.scale_factor_temporal),
+                         spatial_factor=int(self.vae.config.scale_factor_spatial))
+        if not isinstance(fps, (int, float)) or isinstance(fps, bool) or not math.isfinite(fps) or fps <= 0:
+            raise ValueError(f"`fps` must be a positive number, got {fps!r}.")
+        if enable_sound and (self.sound_tokenizer is None or not self.transformer.config.sound_gen):
+            raise ValueError("`enable_sound=True` needs a `sound_tokenizer` and a transformer with sound_gen=True.")
+        prompts, negatives = self.expand_prompts(prompt, negative_prompt, num_per_prompt)
+        settings = self.prompt_settings(num_frames, height, width, fps, use_system_prompt, add_resolution_template,
+                                        add_duration_template)
+        cond, uncond = self.encode_prompt(prompts, negatives, settings)
+        shape = self.vision_tokenizer.latent_shape(num_frames, height, width)
+        sound_length = Cosmos3SoundTokenizer(self.sound_tokenizer).latent_length(num_frames, fps) if enable_sound else 0
+        return [Cosmos3Request(c, negative_ids=u, vision_shape=shape, fps=float(fps), sound_length=sound_length)
+                for c, u in zip(cond, uncond)]
 
-    def _latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        return self.vision_tokenizer.latent_shape(num_frames, height, width)
+    # ---------------------------------------------------------------------------------------------------------
+    # The denoising loop, in stages: prepare latents, schedule, one guided step, decode. `model_step_factory`
+    # replaces how a step runs the model (a captured graph, a split over devices, a step cache) and nothing else.
+    # ---------------------------------------------------------------------------------------------------------
 
-    def _renoise_step(self, velocity: Tensor, latents: Tensor, i: int, requests: list[_Request], masks) -> Tensor:
-        """One step of the distilled students' sampler: predict x0, re-noise it to the next sigma with fresh noise
-        (each sample from its own generator, drawn as the scheduler's stochastic step draws it), and put the clean
-        conditioning frames back (re-noising touches every position)."""
+    model_step_factory = None
+
+    def prepare_latents(self, requests: list[Cosmos3Request], generators: list[torch.Generator | None]
+                        ) -> DenoisingState:
+        """The initial noise, per sample with its own generator in the reference's order (vision, then sound, then
+        actions), with the clean positions already in place."""
+        device = self._execution_device
+        vision, sounds, actions, masks = [], [], [], []
+        for r, g in zip(requests, generators):
+            mask = r.clean_mask("vision", device)
+            noise = randn_tensor((1, *r.vision_shape), generator=g, device=device, dtype=torch.float32)[0]
+            vision.append(keep_clean(noise, r.vision, mask) if r.vision_condition_frames else noise)
+            masks.append(mask)
+            if r.sound_length:
+                shape = (self.transformer.config.sound_dim, r.sound_length)
+                sounds.append(randn_tensor(shape, generator=g, device=device, dtype=torch.float32))
+            if r.action is not None:
+                noise = randn_tensor(tuple(r.action.shape), generator=g, device=device, dtype=torch.float32)
+                noise = keep_clean(noise, r.action.float(), r.clean_mask("action", device))
+                noise[:, _raw_width(r) :] = 0  # padded channels stay zero
+                actions.append(noise)
+        state = DenoisingState(requests=requests, generators=generators, vision=torch.stack(vision),
+                               sound=torch.stack(sounds) if sounds else None,
+                               action=torch.stack(actions) if actions else None, vision_masks=masks)
+        if state.action is not None:
+            padded = torch.zeros_like(state.action[:, 0], dtype=torch.bool)  # [B, action_dim]
+            for b, r in enumerate(requests):
+                padded[b, _raw_width(r) :] = True
+            state.action_padded = padded[:, None, :]  # [B, 1, action_dim]
+            state.action_noisy = [len(r.action_condition_frames) < r.action_length for r in requests]
+        return state
+
+    def prepare_model(self, state: DenoisingState, guidance_scale: float) -> None:
+        """The batch layout (the samples, then their negatives with guidance) and the step's model function."""
+        state.guidance_scale = guidance_scale
+        state.cfg = guidance_scale != 1.0  # as the reference: any other scale runs the negative pass
+        samples = [r.to_sample() for r in state.requests]
+        if state.cfg:
+            samples += [r.to_sample(negative=True) for r in state.requests]
+        state.layout = self.transformer.build_layout(
+            samples, temporal_compression=int(self.vae.config.scale_factor_temporal))
+        factory = self.model_step_factory or type(self).eager_model_step
+        state.model_step = factory(self, state.layout, self.step_inputs(state))
+
+    def step_inputs(self, state: DenoisingState) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The transformer's vision, sound and action inputs of the current latents (twice over with guidance)."""
+        dtype, repeat = self.transformer.dtype, 2 if state.cfg else 1
+        return (state.vision.to(dtype).repeat(repeat, 1, 1, 1, 1),
+                None if state.sound is None else state.sound.to(dtype).repeat(repeat, 1, 1),
+                None if state.action is None else state.action.to(dtype).repeat(repeat, 1, 1))
+
+    def eager_model_step(self, layout, inputs):
+        """The default model step: the text tower once for the request, then the generation tower per step."""
+        text_kv = self.transformer.encode_text(layout)
+
+        def step(vision, t, sound, action):
+            return self.transformer(layout, vision, t.item(), sound=sound, action=action, text_kv_cache=text_kv,
+                                    return_dict=False)
+
+        return step
+
+    def graph_model_step(self, layout, inputs):
+        """The model step replayed from a CUDA graph (`enable_cuda_graphs`); its outputs are copied because the
+        next replay overwrites them."""
+        runner = self._step_runner(layout, *inputs)
+
+        def step(vision, t, sound, action):
+            return [None if o is None else o.clone() for o in runner(vision, t, sound, action)]
+
+        return step
+
+    def set_schedule(self, state: DenoisingState, num_inference_steps: int) -> Tensor:
+        """The timesteps: the checkpoint's fixed few-step sigmas, the native flow schedule, or the scheduler's own;
+        sound and actions step with copies of the scheduler (each keeps its own multistep history)."""
+        device = self._execution_device
+        state.distilled = bool(self.config.distilled_sigmas)
+        if state.distilled and (state.sound is not None or state.action is not None):
+            raise ValueError("Sound and actions are not supported with a distilled (few-step) checkpoint yet; the "
+                             "released students are text-to-image and image-to-video.")
+        if state.distilled:
+            self.scheduler.set_timesteps(sigmas=self.config.distilled_sigmas, device=device)
+        elif self.config.use_native_flow_schedule:
+            n_train = self.scheduler.config.num_train_timesteps
+            sigmas = np.linspace(1.0 - 1.0 / n_train, 0.0, num_inference_steps + 1)[:-1]
+            self.scheduler.set_timesteps(num_inference_steps, device=device, sigmas=sigmas)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+        state.sound_scheduler = copy.deepcopy(self.scheduler) if state.sound is not None else None
+        state.action_scheduler = copy.deepcopy(self.scheduler) if state.action is not None else None
+        self._num_timesteps = len(self.scheduler.timesteps)
+        return self.scheduler.timesteps
+
+    def guided_velocity(self, state: DenoisingState, t: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The model's velocities at `t` in float32, guided (`v_u + g (v_c - v_u)`) for every stream."""
+        out = state.model_step(*_at(self.step_inputs(state), t))
+        velocities = [out[0].float(), None if state.sound is None else out[1].float(), None]
+        if state.action is not None:
+            repeat = 2 if state.cfg else 1
+            velocities[2] = out[2].float().masked_fill(state.action_padded.repeat(repeat, 1, 1), 0.0)
+        if state.cfg:  # the batch is the samples, then their negatives
+            B = len(state.requests)
+            velocities = [None if v is None else guide(v[:B], v[B:], state.guidance_scale) for v in velocities]
+        return tuple(velocities)
+
+    def advance(self, state: DenoisingState, i: int, t: Tensor, velocities) -> None:
+        """Step every stream from `t` to the next timestep."""
+        v, v_sound, v_action = velocities
+        if state.distilled:
+            state.vision = self.renoise_step(v, state.vision, i, state.requests, state.generators)
+        else:
+            state.vision = self.scheduler.step(v, t, state.vision, return_dict=False)[0]
+        if state.sound is not None:
+            state.sound = state.sound_scheduler.step(v_sound, t, state.sound, return_dict=False)[0]
+        if state.action is not None and any(state.action_noisy):
+            # The reference skips the action step when every token is clean (forward dynamics).
+            stepped = state.action_scheduler.step(v_action, t, state.action, return_dict=False)[0]
+            keep = torch.tensor(state.action_noisy, device=stepped.device)[:, None, None]
+            state.action = torch.where(keep, stepped, state.action).masked_fill(state.action_padded, 0.0)
+
+    def renoise_step(self, velocity: Tensor, latents: Tensor, i: int, requests: list[Cosmos3Request],
+                     generators: list[torch.Generator | None]) -> Tensor:
+        """The distilled students' step (`cosmos3.conditioning.renoise`) for a batch: fresh noise per sample from its
+        own generator, drawn as the scheduler's stochastic step draws it, and the clean frames put back."""
         sigma, next_sigma = self.scheduler.sigmas[i].item(), self.scheduler.sigmas[i + 1].item()
-        x0 = latents - sigma * velocity
         out = []
-        for b, r in enumerate(requests):
-            noise = randn_tensor((1, 1, *x0.shape[1:]), generator=r.generator, device=x0.device, dtype=x0.dtype)
-            step = (1.0 - next_sigma) * x0[b] + next_sigma * noise[0, 0]
-            if r.condition_frames:
-                step = masks[b] * r.x0.to(step) + (1.0 - masks[b]) * step
+        for b, (r, g) in enumerate(zip(requests, generators)):
+            noise = randn_tensor((1, 1, *latents.shape[1:]), generator=g, device=latents.device, dtype=latents.dtype)
+            step = renoise(latents[b], velocity[b], sigma, next_sigma, noise[0, 0])
+            if r.vision_condition_frames:
+                step = keep_clean(step, r.vision, r.clean_mask("vision", step.device))
             out.append(step)
         return torch.stack(out)
 
-    # ---------------------------------------------------------------------------------------------------------
-    # The denoising loop
-    # ---------------------------------------------------------------------------------------------------------
+    def decode(self, state: DenoisingState, output_type: str, return_dict: bool):
+        """Frames (or latents), the waveform and the actions of the final latents, in the call's output type."""
+        waveform = None
+        if state.sound is not None:
+            waveform = Cosmos3SoundTokenizer(self.sound_tokenizer).decode(state.sound)
+        if output_type == "latent":
+            frames = state.vision
+        else:
+            decoded = self.vision_tokenizer.decode(state.vision)
+            frames = self.video_processor.postprocess_video(decoded, output_type=output_type)
+        actions = None
+        if state.action is not None:
+            actions = [a[:, : _raw_width(r)].cpu() for a, r in zip(state.action, state.requests)]
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (frames, waveform) if actions is None else (frames, waveform, actions)
+        rate = int(self.sound_tokenizer.config.sampling_rate) if waveform is not None else None
+        return Cosmos3PipelineOutput(frames=frames, sound=waveform, action=actions, sample_rate=rate)
 
     @torch.no_grad()
     def _generate(
         self,
-        requests: list[_Request],
+        requests: list[Cosmos3Request],
+        generator=None,
         *,
         num_inference_steps: int,
         guidance_scale: float,
@@ -397,136 +514,47 @@ class Cosmos3PipelineBase(DiffusionPipeline):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ):
-        device = self._execution_device
-        dtype = self.transformer.dtype
-        B = len(requests)
-        cfg = guidance_scale != 1.0  # as the reference: any other scale runs the negative pass
+        """Sample `requests` (one generator, a list with one per request, or None) through the stages above."""
         self._guidance_scale = guidance_scale
-
-        # 1. Initial noise, per sample with its own generator, in the reference's order: vision, then sound.
-        latents, sound_latents, actions, masks = [], [], [], []
-        for r in requests:
-            noise = randn_tensor((1, *r.latent_shape), generator=r.generator, device=device, dtype=torch.float32)[0]
-            mask = torch.zeros(r.latent_shape[1], 1, 1, device=device)
-            if r.condition_frames:
-                mask[list(r.condition_frames)] = 1.0
-                noise = mask * r.x0.to(device, torch.float32) + (1.0 - mask) * noise
-            latents.append(noise)
-            masks.append(mask)
-            if r.sound_length:
-                shape = (self.transformer.config.sound_dim, r.sound_length)
-                sound_latents.append(randn_tensor(shape, generator=r.generator, device=device, dtype=torch.float32))
-            if r.action_x0 is not None:
-                x0 = r.action_x0.to(device, torch.float32)
-                noise = randn_tensor(tuple(x0.shape), generator=r.generator, device=device, dtype=torch.float32)
-                clean = torch.zeros(x0.shape[0], 1, device=device)
-                clean[list(r.action_condition)] = 1.0
-                noise = clean * x0 + (1.0 - clean) * noise
-                noise[:, r.raw_action_dim :] = 0  # padded channels stay zero
-                actions.append(noise)
-        latents = torch.stack(latents)  # [B, C, T, h, w]
-        sound = torch.stack(sound_latents) if sound_latents else None  # [B, C_s, T_s]
-        action = torch.stack(actions) if actions else None  # [B, chunk, action_dim]
-        if action is not None:
-            padded = torch.zeros_like(action[0, 0], dtype=torch.bool).repeat(B, 1)
-            for b, r in enumerate(requests):
-                padded[b, r.raw_action_dim :] = True
-            padded = padded[:, None, :]  # [B, 1, action_dim]
-            any_noisy = [len(r.action_condition) < r.action_x0.shape[0] for r in requests]
-
-        # 2. The batch layout (conditional samples, then their negatives) and the text cache, once.
-        def sample(r: _Request, ids: list[int]) -> Cosmos3Sample:
-            return Cosmos3Sample(
-                text_ids=ids, vision_shape=r.latent_shape[1:], fps=r.fps, vision_condition_frames=r.condition_frames,
-                sound_length=r.sound_length, action_length=0 if r.action_x0 is None else r.action_x0.shape[0],
-                action_condition_frames=r.action_condition, action_domain_id=r.action_domain_id,
-            )
-
-        samples = [sample(r, r.cond_ids) for r in requests]
-        if cfg:
-            samples += [sample(r, r.uncond_ids) for r in requests]
-        layout = self.transformer.build_layout(samples, temporal_compression=int(self.vae.config.scale_factor_temporal))
-        repeat = 2 if cfg else 1
-
-        def step_inputs():  # the transformer's vision, sound and action inputs (twice over with guidance)
-            return (latents.to(dtype).repeat(repeat, 1, 1, 1, 1),
-                    None if sound is None else sound.to(dtype).repeat(repeat, 1, 1),
-                    None if action is None else action.to(dtype).repeat(repeat, 1, 1))
-
-        runner = None
-        if getattr(self, "_cuda_graphs", False):
-            runner = self._step_runner(layout, *step_inputs())
-        else:
-            text_kv = self.transformer.encode_text(layout)
-
-        # 3. Steps.
-        distilled = bool(self.config.distilled_sigmas)
-        if distilled and (sound is not None or action is not None):
-            raise ValueError("Sound and actions are not supported with a distilled (few-step) checkpoint yet; the "
-                             "released students are text-to-image and image-to-video.")
-        if distilled:
-            self.scheduler.set_timesteps(sigmas=self.config.distilled_sigmas, device=device)
-        elif self.config.use_native_flow_schedule:
-            n_train = self.scheduler.config.num_train_timesteps
-            sigmas = np.linspace(1.0 - 1.0 / n_train, 0.0, num_inference_steps + 1)[:-1]
-            self.scheduler.set_timesteps(num_inference_steps, device=device, sigmas=sigmas)
-        else:
-            self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        sound_scheduler = copy.deepcopy(self.scheduler) if sound is not None else None
-        action_scheduler = copy.deepcopy(self.scheduler) if action is not None else None
-        self._num_timesteps = len(timesteps)
+        state = self.prepare_latents(requests, check_generators(generator, len(requests)))
+        self.prepare_model(state, guidance_scale)
+        timesteps = self.set_schedule(state, num_inference_steps)
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
-                vision_in, sound_in, action_in = step_inputs()
-                if runner is not None:
-                    # the graph's outputs are overwritten by the next replay: the scheduler gets its own copy
-                    out = [None if o is None else o.clone() for o in runner(vision_in, t, sound_in, action_in)]
-                else:
-                    out = self.transformer(layout, vision_in, t.item(), sound=sound_in, action=action_in,
-                                           text_kv_cache=text_kv, return_dict=False)
-                v = out[0].float()
-                v_sound = out[1].float() if sound is not None else None
-                v_action = None
-                if action is not None:
-                    v_action = out[2].float().masked_fill(padded.repeat(repeat, 1, 1), 0.0)
-                if cfg:
-                    v = v[B:] + guidance_scale * (v[:B] - v[B:])
-                    if v_sound is not None:
-                        v_sound = v_sound[B:] + guidance_scale * (v_sound[:B] - v_sound[B:])
-                    if v_action is not None:
-                        v_action = v_action[B:] + guidance_scale * (v_action[:B] - v_action[B:])
-                if distilled:
-                    latents = self._renoise_step(v, latents, i, requests, masks)
-                else:
-                    latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
-                if sound is not None:
-                    sound = sound_scheduler.step(v_sound, t, sound, return_dict=False)[0]
-                if action is not None and any(any_noisy):
-                    # The reference skips the action step when every token is clean (forward dynamics).
-                    stepped = action_scheduler.step(v_action, t, action, return_dict=False)[0]
-                    keep = torch.tensor(any_noisy, device=device)[:, None, None]
-                    action = torch.where(keep, stepped, action).masked_fill(padded, 0.0)
+                self.advance(state, i, t, self.guided_velocity(state, t))
                 if callback_on_step_end is not None:
                     names = callback_on_step_end_tensor_inputs or []
-                    outputs = callback_on_step_end(self, i, t, {k: v for k, v in (("latents", latents),) if k in names})
-                    latents = outputs.pop("latents", latents).float()
+                    tensors = {k: v for k, v in (("latents", state.vision),) if k in names}
+                    state.vision = callback_on_step_end(self, i, t, tensors).pop("latents", state.vision).float()
                 progress.update()
+        return self.decode(state, output_type, return_dict)
 
-        # 4. Decode.
-        waveform = None
-        if sound is not None:
-            waveform = Cosmos3SoundTokenizer(self.sound_tokenizer).decode(sound)
-        if output_type == "latent":
-            frames = latents
-        else:
-            decoded = self.vision_tokenizer.decode(latents)
-            frames = self.video_processor.postprocess_video(decoded, output_type=output_type)
-        actions = None
-        if action is not None:
-            actions = [a[:, : r.raw_action_dim].cpu() for a, r in zip(action, requests)]
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (frames, waveform) if actions is None else (frames, waveform, actions)
-        rate = int(self.sound_tokenizer.config.sampling_rate) if waveform is not None else None
-        return Cosmos3PipelineOutput(frames=frames, sound=waveform, action=actions, sample_rate=rate)
+
+@dataclass
+class DenoisingState:
+    """What changes while a request is sampled: the latents of each stream, and what the stages set up once."""
+
+    requests: list[Cosmos3Request]
+    generators: list[torch.Generator | None]
+    vision: Tensor  # [B, C, T, h, w] float32
+    sound: Tensor | None  # [B, C_s, T_s]
+    action: Tensor | None  # [B, chunk, action_dim]
+    vision_masks: list[Tensor]  # per sample [1, T, 1, 1]: 1 at clean latent frames
+    action_padded: Tensor | None = None  # [B, 1, action_dim]: True past each sample's raw width
+    action_noisy: list[bool] | None = None  # per sample: any action token generated
+    layout: Cosmos3Layout | None = None
+    model_step: Callable | None = None
+    guidance_scale: float = 1.0
+    cfg: bool = False
+    distilled: bool = False
+    sound_scheduler: object = None
+    action_scheduler: object = None
+
+
+def _raw_width(r: Cosmos3Request) -> int:
+    return r.action.shape[1] if r.raw_action_dim is None else r.raw_action_dim
+
+
+def _at(inputs, t):
+    vision, sound, action = inputs
+    return vision, t, sound, action

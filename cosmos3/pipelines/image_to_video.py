@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..conditioning import encode_conditioning
 from ..tokenizers.vision import preprocess_image
-from .common import encode_conditioning
-from .text_to_video import Cosmos3TextToVideoPipeline
+from .common import Cosmos3PipelineBase
 
 
 def _per_prompt(name: str, value, num_prompts: int, per_prompt: int, clips: bool = False) -> list:
@@ -33,7 +33,7 @@ def _is_clip(value) -> bool:
     return isinstance(first, Image.Image) or (isinstance(first, (np.ndarray, torch.Tensor)) and first.ndim == 3)
 
 
-class Cosmos3ImageToVideoPipeline(Cosmos3TextToVideoPipeline):
+class Cosmos3ImageToVideoPipeline(Cosmos3PipelineBase):
     r"""Generate videos that start from a given image (resized to cover the canvas and centre-cropped)."""
 
     @torch.no_grad()
@@ -60,18 +60,20 @@ class Cosmos3ImageToVideoPipeline(Cosmos3TextToVideoPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ):
         """`image`: a PIL image, `[H, W, 3]` array or `[3, H, W]` tensor, or a list with one per prompt."""
-        self._check_common(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
+        self.check_call(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
         if image is None:
             raise ValueError("`image` is required for image-to-video.")
         if num_frames == 1:
             raise ValueError("`num_frames` must be > 1 for image-to-video (1 frame would just be the image).")
-        requests = self._requests(prompt, negative_prompt, num_videos_per_prompt, generator, num_frames, height, width,
-                                  fps, enable_sound, use_system_prompt, add_resolution_template, add_duration_template)
+        requests = self.prepare_requests(
+            prompt, negative_prompt, num_per_prompt=num_videos_per_prompt, num_frames=num_frames, height=height,
+            width=width, fps=fps, enable_sound=enable_sound, use_system_prompt=use_system_prompt,
+            add_resolution_template=add_resolution_template, add_duration_template=add_duration_template)
         num_prompts = len(requests) // num_videos_per_prompt
         images = _per_prompt("image", image, num_prompts, num_videos_per_prompt)
         tokenizer = self.vision_tokenizer
         device = self._execution_device
-        latent_t = requests[0].latent_shape[1]
+        latent_t = requests[0].vision_shape[1]
         encoded: dict[int, torch.Tensor] = {}
         for r, img in zip(requests, images):
             if id(img) not in encoded:  # samples of one prompt share their image's latents
@@ -79,9 +81,9 @@ class Cosmos3ImageToVideoPipeline(Cosmos3TextToVideoPipeline):
                 # The reference encodes the image repeated to `num_frames`; latent frame 0, the only one read, is the
                 # image's own encoding.
                 encoded[id(img)] = encode_conditioning(tokenizer, frame.unsqueeze(2), (0,), latent_t)
-            r.x0, r.condition_frames = encoded[id(img)], (0,)
+            r.vision, r.vision_condition_frames = encoded[id(img)], (0,)
         return self._generate(
-            requests, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type=output_type,
-            return_dict=return_dict, callback_on_step_end=callback_on_step_end,
+            requests, generator, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
         )

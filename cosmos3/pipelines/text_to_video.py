@@ -8,8 +8,7 @@ import numpy as np
 import torch
 from diffusers.utils import BaseOutput
 
-from ..tokenizers.sound import Cosmos3SoundTokenizer
-from .common import Cosmos3PipelineBase, _check_generators, _Request
+from .common import Cosmos3PipelineBase
 
 
 class Cosmos3TextToVideoPipeline(Cosmos3PipelineBase):
@@ -17,23 +16,6 @@ class Cosmos3TextToVideoPipeline(Cosmos3PipelineBase):
 
     Defaults follow the reference: 189 frames at 720x1280, 24 fps, 35 steps, guidance 6.
     """
-
-    def _requests(self, prompt, negative_prompt, per_prompt, generator, num_frames, height, width, fps, enable_sound,
-                  use_system_prompt, add_resolution_template, add_duration_template) -> list[_Request]:
-        self._check_size(num_frames, height, width)
-        if not isinstance(fps, (int, float)) or fps <= 0:
-            raise ValueError(f"`fps` must be a positive number, got {fps!r}.")
-        if enable_sound and (self.sound_tokenizer is None or not self.transformer.config.sound_gen):
-            raise ValueError("`enable_sound=True` needs a `sound_tokenizer` and a transformer with sound_gen=True.")
-        prompts, negatives = self._expand_prompts(prompt, negative_prompt, per_prompt)
-        generators = _check_generators(generator, len(prompts))
-        settings = self._prompt_settings(num_frames, height, width, fps, use_system_prompt, add_resolution_template,
-                                         add_duration_template)
-        cond, uncond = self.encode_prompt(prompts, negatives, settings)
-        shape = self._latent_shape(num_frames, height, width)
-        sound_length = Cosmos3SoundTokenizer(self.sound_tokenizer).latent_length(num_frames, fps) if enable_sound else 0
-        return [_Request(c, u, g, shape, fps=float(fps), sound_length=sound_length)
-                for c, u, g in zip(cond, uncond, generators)]
 
     @torch.no_grad()
     def __call__(
@@ -58,12 +40,14 @@ class Cosmos3TextToVideoPipeline(Cosmos3PipelineBase):
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ):
         """Generate one video per prompt x `num_videos_per_prompt`; see `Cosmos3PipelineOutput`."""
-        self._check_common(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
-        requests = self._requests(prompt, negative_prompt, num_videos_per_prompt, generator, num_frames, height, width,
-                                  fps, enable_sound, use_system_prompt, add_resolution_template, add_duration_template)
+        self.check_call(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
+        requests = self.prepare_requests(
+            prompt, negative_prompt, num_per_prompt=num_videos_per_prompt, num_frames=num_frames, height=height,
+            width=width, fps=fps, enable_sound=enable_sound, use_system_prompt=use_system_prompt,
+            add_resolution_template=add_resolution_template, add_duration_template=add_duration_template)
         return self._generate(
-            requests, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type=output_type,
-            return_dict=return_dict, callback_on_step_end=callback_on_step_end,
+            requests, generator, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
         )
 
@@ -75,7 +59,7 @@ class Cosmos3ImagePipelineOutput(BaseOutput):
     images: list | np.ndarray | torch.Tensor
 
 
-class Cosmos3TextToImagePipeline(Cosmos3TextToVideoPipeline):
+class Cosmos3TextToImagePipeline(Cosmos3PipelineBase):
     r"""Generate images from text prompts (a one-frame video; reference call defaults: 35 steps, guidance 6)."""
 
     @torch.no_grad()
@@ -97,12 +81,14 @@ class Cosmos3TextToImagePipeline(Cosmos3TextToVideoPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ):
         """Generate one image per prompt x `num_images_per_prompt`; see `Cosmos3ImagePipelineOutput`."""
-        self._check_common(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
-        requests = self._requests(prompt, negative_prompt, num_images_per_prompt, generator, 1, height, width, 24.0,
-                                  False, use_system_prompt, add_resolution_template, True)
+        self.check_call(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
+        # The reference passes 24 fps for an image (no duration sentence is written for one frame).
+        requests = self.prepare_requests(
+            prompt, negative_prompt, num_per_prompt=num_images_per_prompt, num_frames=1, height=height, width=width,
+            fps=24.0, use_system_prompt=use_system_prompt, add_resolution_template=add_resolution_template)
         frames, *_ = self._generate(
-            requests, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type=output_type,
-            return_dict=False, callback_on_step_end=callback_on_step_end,
+            requests, generator, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            output_type=output_type, return_dict=False, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
         )
         images = [f[0] for f in frames] if output_type == "pil" else frames if output_type == "latent" else frames[:, 0]

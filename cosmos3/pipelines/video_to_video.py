@@ -6,13 +6,13 @@ from collections.abc import Sequence
 
 import torch
 
+from ..conditioning import encode_conditioning
 from ..tokenizers.vision import preprocess_video
-from .common import encode_conditioning
+from .common import Cosmos3PipelineBase
 from .image_to_video import _per_prompt
-from .text_to_video import Cosmos3TextToVideoPipeline
 
 
-class Cosmos3VideoToVideoPipeline(Cosmos3TextToVideoPipeline):
+class Cosmos3VideoToVideoPipeline(Cosmos3PipelineBase):
     r"""Continue a video: latent frames `condition_frame_indexes` (default the first two, i.e. 5 pixel frames) are
     the encoded input frames, kept clean."""
 
@@ -43,7 +43,7 @@ class Cosmos3VideoToVideoPipeline(Cosmos3TextToVideoPipeline):
     ):
         """`video`: a list of PIL frames, `[T, H, W, 3]` array or tensor, or a list with one clip per prompt.
         `condition_video_keep`: use the `"first"` or `"last"` frames of the clip."""
-        self._check_common(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
+        self.check_call(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
         if video is None:
             raise ValueError("`video` is required for video-to-video.")
         if num_frames == 1:
@@ -57,9 +57,11 @@ class Cosmos3VideoToVideoPipeline(Cosmos3TextToVideoPipeline):
                 "`condition_frame_indexes` must be a non-empty list of non-negative ints, "
                 f"got {condition_frame_indexes!r}."
             )
-        requests = self._requests(prompt, negative_prompt, num_videos_per_prompt, generator, num_frames, height, width,
-                                  fps, enable_sound, use_system_prompt, add_resolution_template, add_duration_template)
-        latent_t = requests[0].latent_shape[1]
+        requests = self.prepare_requests(
+            prompt, negative_prompt, num_per_prompt=num_videos_per_prompt, num_frames=num_frames, height=height,
+            width=width, fps=fps, enable_sound=enable_sound, use_system_prompt=use_system_prompt,
+            add_resolution_template=add_resolution_template, add_duration_template=add_duration_template)
+        latent_t = requests[0].vision_shape[1]
         if max(indexes) >= latent_t:
             raise ValueError(f"`condition_frame_indexes` {list(indexes)} reach past the {latent_t} latent frames of "
                              f"num_frames={num_frames} (valid: 0..{latent_t - 1}).")
@@ -78,9 +80,9 @@ class Cosmos3VideoToVideoPipeline(Cosmos3TextToVideoPipeline):
                 # latents read here only see the first `keep` frames).
                 frames = torch.cat([frames, frames[:, :, -1:].expand(-1, -1, keep - frames.shape[2], -1, -1)], dim=2)
                 encoded[id(clip)] = encode_conditioning(tokenizer, frames, condition_frames, latent_t)
-            r.x0, r.condition_frames = encoded[id(clip)], condition_frames
+            r.vision, r.vision_condition_frames = encoded[id(clip)], condition_frames
         return self._generate(
-            requests, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type=output_type,
-            return_dict=return_dict, callback_on_step_end=callback_on_step_end,
+            requests, generator, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
         )

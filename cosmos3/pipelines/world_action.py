@@ -18,31 +18,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from diffusers.video_processor import VideoProcessor
 
+from ..conditioning import (
+    ACTION_MODES,
+    RESOLUTION_BINS,
+    Cosmos3Request,
+    action_canvas,
+    action_mode_conditioning,
+    encode_conditioning,
+)
 from ..tokenizers.action import EMBODIMENT_TO_DOMAIN_ID, EMBODIMENT_TO_RAW_ACTION_DIM
 from ..tokenizers.text import ACTION_VIEWPOINTS
-from ..tokenizers.vision import preprocess_video
-from .common import Cosmos3PipelineBase, _check_generators, _Request, encode_conditioning
-
-ACTION_MODES = ("policy", "forward_dynamics", "inverse_dynamics")
-# Canvases (height, width) of each resolution tier by aspect ratio (height / width). 256-720 are the reference's;
-# 64 and 128 are cosmos3's, for small models (Cosmos3-Tiny runs its policy at 64): every side a multiple of 32 (the
-# VAE's 16x times the transformer's 2x2 patches), aspect buckets as close to the reference's as that allows.
-RESOLUTION_BINS: dict[int, dict[str, tuple[int, int]]] = {
-    64: {"1.0": (64, 64), "0.5": (64, 128), "2.0": (128, 64)},
-    128: {"1.0": (128, 128), "0.8": (128, 160), "1.25": (160, 128), "0.6": (96, 160),
-          "1.6666666666666667": (160, 96)},
-    256: {"1.0": (256, 256), "0.8": (256, 320), "1.25": (320, 256), "0.6": (192, 320),
-          "1.6666666666666667": (320, 192)},
-    480: {"1.0": (640, 640), "0.7391304347826086": (544, 736), "1.3529411764705883": (736, 544),
-          "0.5769230769230769": (480, 832), "1.7333333333333334": (832, 480)},
-    704: {"1.0": (960, 960), "0.7647058823529411": (832, 1088), "1.3076923076923077": (1088, 832),
-          "0.55": (704, 1280), "1.8181818181818181": (1280, 704)},
-    720: {"1.0": (960, 960), "0.7536231884057971": (832, 1104), "1.3269230769230769": (1104, 832),
-          "0.5625": (720, 1280), "1.7777777777777777": (1280, 720)},
-}  # fmt: skip
+from .common import Cosmos3PipelineBase
 
 
 @dataclass(frozen=True)
@@ -110,28 +97,6 @@ class ActionRequest:
         return self.action_dim if self.action_dim is not None else EMBODIMENT_TO_RAW_ACTION_DIM[self.domain_name]
 
 
-def action_canvas(clip, tier: int, num_frames: int) -> tuple[torch.Tensor, int, int, int, int]:
-    """Place a clip on its tier's canvas: returns `[1, 3, num_frames, H, W]`, canvas `(H, W)`, content `(h, w)`."""
-    frames = preprocess_video(clip)  # [1, 3, F, H, W] in [-1, 1]
-    source_h, source_w = frames.shape[-2:]
-    height, width = VideoProcessor.classify_height_width_bin(source_h, source_w, ratios=RESOLUTION_BINS[tier])
-    if frames.shape[2] < num_frames:  # too short: hold the last frame
-        frames = torch.cat([frames, frames[:, :, -1:].expand(-1, -1, num_frames - frames.shape[2], -1, -1)], dim=2)
-    frames = frames[:, :, :num_frames]
-    scale = min(width / source_w, height / source_h, 1.0)
-    content_h, content_w = max(1, int(scale * source_h + 0.5)), max(1, int(scale * source_w + 0.5))
-    flat = frames.permute(0, 2, 1, 3, 4).reshape(-1, 3, source_h, source_w)  # [F, 3, H, W]
-    if (content_h, content_w) != (source_h, source_w):
-        flat = F.interpolate(flat, size=(content_h, content_w), mode="bicubic", align_corners=False, antialias=True)
-    pad_right, pad_bottom = width - content_w, height - content_h
-    if pad_right or pad_bottom:
-        # reflect needs a pad smaller than the content; wider gaps are filled by repeating the edge
-        mode = "replicate" if pad_right >= content_w or pad_bottom >= content_h else "reflect"
-        flat = F.pad(flat, (0, pad_right, 0, pad_bottom), mode=mode)
-    canvas = flat.reshape(1, num_frames, 3, height, width).permute(0, 2, 1, 3, 4)
-    return canvas, height, width, content_h, content_w
-
-
 class Cosmos3WorldActionPipeline(Cosmos3PipelineBase):
     r"""Robot policy (actions and future frames from a first frame), forward dynamics (future frames from a first
     frame and actions) and inverse dynamics (actions from a clip), with one request or a batch of them.
@@ -158,38 +123,37 @@ class Cosmos3WorldActionPipeline(Cosmos3PipelineBase):
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ):
         """One sample per (prompt, action request); a single request or prompt is shared by the others."""
-        self._check_common(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
+        self.check_call(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
         if not self.transformer.config.action_gen:
             raise ValueError("This checkpoint's transformer has no action heads (`action_gen=False`).")
         requests_in = [action] if isinstance(action, ActionRequest) else list(action)
         if not requests_in or not all(isinstance(a, ActionRequest) for a in requests_in):
             raise TypeError(f"`action` must be an ActionRequest or a list of them, got {action!r}.")
-        prompts, negatives = self._expand_prompts(prompt, negative_prompt, 1)
+        prompts, negatives = self.expand_prompts(prompt, negative_prompt, 1)
         n = max(len(prompts), len(requests_in))
         if len(prompts) not in (1, n) or len(requests_in) not in (1, n):
             raise ValueError(f"{len(prompts)} prompts and {len(requests_in)} action requests: give one, or as many.")
         prompts, negatives = (prompts * n)[:n], (negatives * n)[:n]
         requests_in = (requests_in * n)[:n]
-        generators = _check_generators(generator, n)
         action_dim = self.transformer.config.action_dim
         tokenizer, device = self.vision_tokenizer, self._execution_device
         tcf, sf = int(self.vae.config.scale_factor_temporal), int(self.vae.config.scale_factor_spatial)
 
         requests = []
-        for prompt_i, negative_i, req, g in zip(prompts, negatives, requests_in, generators):
+        for prompt_i, negative_i, req in zip(prompts, negatives, requests_in):
             if req.raw_action_dim > action_dim:
                 raise ValueError(f"{req.domain_name} actions are {req.raw_action_dim} wide, over the model's "
                                  f"action_dim={action_dim}.")
             num_frames = req.chunk_size + 1
             latent_t = (num_frames - 1) // tcf + 1
-            condition_frames = tuple(range(latent_t)) if req.mode == "inverse_dynamics" else (0,)
+            condition_frames, action_condition = action_mode_conditioning(req.mode, latent_t, req.chunk_size)
             # Only the frames the conditioning latents depend on are placed and encoded (the first one, but for
             # inverse dynamics); the canvas's leading frames do not depend on its length.
             clip = [req.image] if req.image is not None else req.video
             canvas, height, width, content_h, content_w = action_canvas(
                 clip, req.resolution_tier, 1 + tcf * max(condition_frames))
-            settings = self._prompt_settings(num_frames, height, width, fps, use_system_prompt, True, True,
-                                             action_mode=req.mode, action_view_point=req.view_point)
+            settings = self.prompt_settings(num_frames, height, width, fps, use_system_prompt, True, True,
+                                            action_mode=req.mode, action_view_point=req.view_point)
             (cond,), (uncond,) = self.encode_prompt([prompt_i], [negative_i], settings)
             x0 = encode_conditioning(tokenizer, canvas.to(device).float(), condition_frames, latent_t)
             x0 = x0[:, :, : max(content_h // sf, 1), : max(content_w // sf, 1)].contiguous()  # drop the padding
@@ -198,20 +162,18 @@ class Cosmos3WorldActionPipeline(Cosmos3PipelineBase):
                 given = req.actions.float()
                 given = torch.cat([given, given[-1:].expand(max(0, req.chunk_size - given.shape[0]), -1)])
                 actions[:, : req.raw_action_dim] = given[: req.chunk_size]
-            requests.append(_Request(
-                cond_ids=cond, uncond_ids=uncond, generator=g, latent_shape=tuple(x0.shape), x0=x0,
-                condition_frames=condition_frames, fps=float(fps),
-                action_x0=actions, action_domain_id=EMBODIMENT_TO_DOMAIN_ID[req.domain_name],
-                action_condition=tuple(range(req.chunk_size)) if req.mode == "forward_dynamics" else (),
-                raw_action_dim=req.raw_action_dim,
+            requests.append(Cosmos3Request(
+                cond, vision=x0, vision_condition_frames=condition_frames, fps=float(fps), action=actions,
+                action_condition_frames=action_condition, action_domain_id=EMBODIMENT_TO_DOMAIN_ID[req.domain_name],
+                raw_action_dim=req.raw_action_dim, negative_ids=uncond,
             ))
-        shapes = {r.latent_shape for r in requests}
+        shapes = {r.vision_shape for r in requests}
         if len(shapes) > 1:
             raise ValueError(f"A batch of action requests must share one latent shape (chunk size, canvas and "
                              f"content size); got {sorted(shapes)}. Run them in separate calls.")
         out = self._generate(
-            requests, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type=output_type,
-            return_dict=return_dict, callback_on_step_end=callback_on_step_end,
+            requests, generator, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
         )
         generated = {"policy", "inverse_dynamics"}

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ..io import atomic_write_json
 from ..training.datasets import LeRobotDatasetWriter
 from .envs import IMAGE_PREFIX, STATE_KEY, MetaWorldEnv, RobotEnv, make_env
 
@@ -199,11 +200,7 @@ def collect(
                    "fps": summaries[0]["fps"], "embodiment": summaries[0]["embodiment"], "envs": summaries}
     summary["seconds"] = round(time.monotonic() - start, 3)
     path = os.path.join(out_dir, SUMMARY_PATH)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=4)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, summary, indent=4)
     for s in summaries:
         if not s["complete"]:
             warnings.warn(f"Only {s['episodes']} of {episodes} episodes succeeded in {max_attempts} attempts in "

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..io import atomic_write_json
 from ..tokenizers.action import EMBODIMENT_TO_DOMAIN_ID, EMBODIMENT_TO_RAW_ACTION_DIM, ActionNormalizer
 from ..tokenizers.text import ACTION_VIEWPOINTS
 
@@ -95,9 +96,7 @@ class PolicyConfig:
 
     def save(self, folder: str) -> None:
         path = os.path.join(folder, CONFIG_NAME)
-        with open(path + ".tmp", "w") as f:
-            json.dump(asdict(self), f, indent=2)
-        os.replace(path + ".tmp", path)
+        atomic_write_json(path, asdict(self))
 
 
 def tile_frames(observation: dict, cameras: list[str] | None) -> np.ndarray:

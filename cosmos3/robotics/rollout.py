@@ -14,13 +14,13 @@ Writes `eval_info.json` (`per_episode`: seed, success, sum/max reward, steps; `a
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import numpy as np
+
+from ..io import atomic_write_json
 
 
 class RandomPolicy:
@@ -88,12 +88,6 @@ class _EnvThread:
             self.call("close")
         finally:
             self._pool.shutdown(wait=True)
-
-
-def _write_atomic_json(path: str, data: Any) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 def rollout(policy, env_spec: str, episodes: int, *, seed: int = 0, num_envs: int = 1, max_steps: int | None = None,
@@ -192,7 +186,7 @@ def rollout(policy, env_spec: str, episodes: int, *, seed: int = 0, num_envs: in
     }
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
-        _write_atomic_json(os.path.join(out_dir, "eval_info.json"), info)
+        atomic_write_json(os.path.join(out_dir, "eval_info.json"), info)
     return info
 
 

@@ -18,7 +18,7 @@ from .action import (
 )
 from .sound import Cosmos3SoundTokenizer, convert_channels, resample
 from .text import PromptSettings, action_caption, build_tiny_tokenizer, encode_prompts, load_text_tokenizer
-from .vision import Cosmos3VisionTokenizer, patchify, preprocess_image, preprocess_video, unpatchify
+from .vision import Cosmos3VisionTokenizer, preprocess_image, preprocess_video
 
 __all__ = [
     "ACTION_DIM",
@@ -36,10 +36,8 @@ __all__ = [
     "get_embodiment",
     "load_text_tokenizer",
     "pad_actions",
-    "patchify",
     "preprocess_image",
     "preprocess_video",
     "resample",
     "unpad_actions",
-    "unpatchify",
 ]

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from functools import partial
@@ -41,6 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..io import atomic_write_json
 
 ACTION_DIM = 64  # the model's padded action width (`transformer.config.action_dim`)
 
@@ -324,19 +325,8 @@ class ActionNormalizer:
         return norm
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write JSON atomically (temp file in the same folder + `os.replace`): readers never see half a file."""
-        path = Path(path)
-        text = json.dumps(self.to_dict(), indent=2)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write JSON atomically and fsynced (`cosmos3.io.atomic_write_json`): readers never see half a file."""
+        atomic_write_json(path, self.to_dict(), fsync=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, expected_dim: int | None = None) -> ActionNormalizer:

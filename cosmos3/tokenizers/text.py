@@ -125,7 +125,8 @@ def action_caption(
     return json.dumps(caption)
 
 
-def _special_ids(tokenizer) -> tuple[int, int]:
+def special_ids(tokenizer) -> tuple[int, int]:
+    """`(eos, vision_start)` ids of a Cosmos 3 text tokenizer; ValueError for any other tokenizer."""
     vision_start = tokenizer.convert_tokens_to_ids(VISION_START_TOKEN)
     if vision_start is None or vision_start == tokenizer.unk_token_id:
         raise ValueError(f"The text tokenizer has no `{VISION_START_TOKEN}` token; it is not a Cosmos 3 tokenizer.")
@@ -184,7 +185,7 @@ def encode_prompts(
 
     negatives = per_prompt("negative_prompts", negative_prompts, None)
     all_settings = per_prompt("settings", settings, PromptSettings())
-    eos, vision_start = _special_ids(tokenizer)
+    eos, vision_start = special_ids(tokenizer)
     texts = [prompt_texts(p, q, s) for p, q, s in zip(prompts, negatives, all_settings)]
     conversations = [_conversation(t, s) for (cond, uncond), s in zip(texts, all_settings) for t in (cond, uncond)]
     encoded = tokenizer.apply_chat_template(
@@ -204,7 +205,7 @@ def load_text_tokenizer(path: str, subfolder: str | None = "text_tokenizer"):
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"No tokenizer folder at {folder!r} (looked for `{subfolder}/` inside {path!r}).")
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    _special_ids(tokenizer)
+    special_ids(tokenizer)
     return tokenizer
 
 

@@ -7,7 +7,6 @@
 * `iter_decode` decodes one latent frame at a time, carrying the causal convolution cache, so a long video decodes
   with memory bounded by one chunk (1 frame, then 4 per latent frame) instead of the whole clip; the frames are
   identical to a one-shot `decode`. `decode(tiled=True)` additionally tiles spatially (the VAE's own tiling).
-* `patchify` / `unpatchify`: the 2x2 latent patches the transformer reads, `(t, h, w)` order, `(p, q, c)` inside.
 * Conditioning images are resized preserving aspect ratio to cover the canvas, then centre-cropped (as the
   reference); videos go through diffusers' `VideoProcessor` exactly as the reference pipeline calls it.
 """
@@ -25,25 +24,6 @@ from PIL import Image
 from torch import Tensor
 
 from .fast_wan import accelerate_wan_vae
-
-
-def patchify(latent: Tensor, patch_size: int = 2) -> Tensor:
-    """`[C, T, H, W]` -> `[T*h*w, p*p*C]` patches in (t, h, w) order; odd H/W are zero-padded up to p."""
-    p = patch_size
-    C, T, H, W = latent.shape
-    latent = F.pad(latent, (0, -W % p, 0, -H % p))
-    h, w = latent.shape[2] // p, latent.shape[3] // p
-    latent = latent.reshape(C, T, h, p, w, p)
-    return latent.permute(1, 2, 4, 3, 5, 0).reshape(T * h * w, p * p * C)  # [t h w (p q c)]
-
-
-def unpatchify(patches: Tensor, shape: tuple[int, int, int, int], patch_size: int = 2) -> Tensor:
-    """Inverse of `patchify` for a latent of `shape` `(C, T, H, W)`: `[T*h*w, p*p*C]` -> `[C, T, H, W]`."""
-    p = patch_size
-    C, T, H, W = shape
-    h, w = -(-H // p), -(-W // p)
-    patches = patches.reshape(T, h, w, p, p, C)
-    return patches.permute(5, 0, 1, 3, 2, 4).reshape(C, T, h * p, w * p)[:, :, :H, :W]
 
 
 def preprocess_image(image, height: int, width: int) -> Tensor:

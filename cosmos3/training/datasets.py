@@ -132,15 +132,13 @@ def _column_numpy(table: Any, name: str, where: str) -> np.ndarray:
 
 
 def _write_json(path: str, data: Any) -> None:
-    with media._atomic_output(path) as tmp, open(tmp, "w") as f:
-        json.dump(data, f, indent=4)
-        f.write("\n")
+    media.atomic_write_json(path, data, indent=4)
 
 
 def _write_parquet(path: str, table: Any) -> None:
     pq = _pyarrow()[2]
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with media._atomic_output(path) as tmp:
+    with media.atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 
 
@@ -193,11 +191,11 @@ def _concat_videos(parts: Sequence[tuple[str, int]], path: str, fps: float) -> s
     it plays from `sum(frames before) / fps`, which is the `from_timestamp` recorded for its episode. Every part
     starts with a keyframe (it was encoded alone), so the joined stream decodes from any episode's start.
     """
-    av = media._require("av", "video")
+    av = media.require_extra("av", "video")
     rate = Fraction(fps).limit_denominator(1_000_000)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     codec, offset = "", Fraction(0)
-    with media._atomic_output(path) as tmp, av.open(tmp, mode="w", format="mp4") as out:
+    with media.atomic_path(path) as tmp, av.open(tmp, mode="w", format="mp4") as out:
         target, time_base = None, None
         for part, frames in parts:
             with av.open(part) as source:
@@ -932,22 +930,22 @@ def decode_frames_at(
     `MediaDecodeError` (metadata and video disagree). Uses `cosmos3.io`'s checked opening and packet-level
     corruption checks; for untrusted files use `cosmos3.io.read_video`, which decodes in a sandboxed process.
     """
-    path = media._check_input(path, limits)
+    path = media.check_input_path(path, limits)
     times = np.asarray(times, np.float64)
     if times.ndim != 1 or not len(times) or (np.diff(times) <= 0).any():
         raise ValueError(f"`times` must be a non-empty increasing 1-D sequence, got {times!r}.")
     tolerance = 0.4 / fps
     deadline = time.monotonic() + limits.timeout_s
     for seek in (True, False):  # a seek that lands past the target (broken index): retry from the start
-        container, stream, info = media._open_video(path, limits)
+        container, stream, info = media.open_video(path, limits)
         with container:
             out = np.empty((len(times), info.height, info.width, 3), np.uint8)
             if seek and times[0] > tolerance:
                 container.seek(round(Fraction(float(times[0])) / stream.time_base), stream=stream, backward=True)
             count, overshot = 0, False
             try:
-                for frame in media._decode(container, stream, path):
-                    media._check_deadline(path, deadline, limits)
+                for frame in media.decode_frames(container, stream, path):
+                    media.check_deadline(path, deadline, limits)
                     if frame.time is None:
                         raise MediaDecodeError(f"{path!r}: frames carry no timestamps; cannot locate {times[0]:.4f} s.")
                     if frame.time < times[count] - tolerance:
@@ -968,7 +966,7 @@ def decode_frames_at(
             except MediaDecodeError:
                 raise
             except Exception as e:
-                raise media._wrap(path, f"decoding failed near {times[count]:.4f} s", e) from None
+                raise media.decode_error(path, f"decoding failed near {times[count]:.4f} s", e) from None
         if not overshot:
             raise MediaDecodeError(f"{path!r}: the video ends after {count} of the {len(times)} frames from "
                                    f"{times[0]:.4f} s (it is shorter than the metadata says, or truncated).")

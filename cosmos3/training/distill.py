@@ -1,6 +1,6 @@
 """Few-step distillation of the generation tower: DMD2 in rectified-flow form, with backward simulation.
 
-What the released `-4Step` students are (see `shared/reference/cosmos3.md`, "Distillation"): a student that samples
+What the released `-4Step` students are (see the README's "Distillation" section): a student that samples
 in 4 steps at sigmas `[1, 15/16, 5/6, 5/8]` with stochastic re-noising, the teacher's classifier-free guidance baked
 in (the student runs with guidance 1), trained with DMD2 against a fake-score critic updated 5 times per student
 update. Here, with the same pieces as `Trainer`:
@@ -36,10 +36,9 @@ loss. Sound and actions are not (the distilled pipeline path refuses them too).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
-import shutil
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -47,36 +46,17 @@ import torch
 from torch import Tensor
 
 from .. import flow
-from ..models.layout import Cosmos3Layout, Cosmos3Sample
+from ..conditioning import Cosmos3Request, guide, keep_clean, renoise
+from ..io import atomic_directory
+from ..models.layout import Cosmos3Layout
 from ..models.transformer_cosmos3 import Cosmos3TextKVCache, Cosmos3Transformer
-from . import checkpoint
-from .trainer import Example, Trainer, sample_generator, trainable_parameters
+from . import loop
+from .trainer import Trainer, sample_generator, trainable_parameters
 
 # The released 4-step students' schedule (cosmos3.md, "Distillation").
 DEFAULT_STUDENT_SIGMAS: tuple[float, ...] = (1.0, 15 / 16, 5 / 6, 5 / 8)
 # Generation-tower parameters that act on the text keys only: computed once per batch, so shared and frozen.
 _TEXT_SIDE_PARAMETERS = ("k_norm_und_for_gen",)
-
-
-@dataclass
-class DistillPrompt:
-    """One distillation prompt: what the pipeline would feed the model for it (DMD is data-free apart from this).
-
-    Args:
-        text_ids: prompt token ids, as the pipeline builds them (`pipeline_prompts` does).
-        negative_ids: the negative prompt's ids (the teacher's unconditional pass of guidance).
-        vision_shape: latent shape `(C, T, h, w)`.
-        fps: clip frame rate (the pipeline passes 24 for images).
-        vision_condition_frames: latent frames given clean (image-to-video), taken from `condition`.
-        condition: clean latents `[C, T, h, w]` holding the conditioning frames (other frames are ignored).
-    """
-
-    text_ids: Sequence[int]
-    negative_ids: Sequence[int]
-    vision_shape: tuple[int, int, int, int]
-    fps: float | None = None
-    vision_condition_frames: tuple[int, ...] = ()
-    condition: Tensor | None = None
 
 
 @dataclass
@@ -143,13 +123,14 @@ class DistillConfig:
 def pipeline_prompts(pipeline, prompts: Sequence[str] | str, negative_prompt: str | Sequence[str] | None = None, *,
                      num_frames: int = 1, height: int = 720, width: int = 1280, fps: float = 24.0,
                      use_system_prompt: bool | None = None, add_resolution_template: bool = True,
-                     add_duration_template: bool = True) -> list[DistillPrompt]:
-    """`DistillPrompt`s holding exactly the ids and latent shapes a text-to-image (`num_frames=1`, the defaults of
+                     add_duration_template: bool = True) -> list[Cosmos3Request]:
+    """The requests (prompt and negative ids, latent shape, fps) a text-to-image (`num_frames=1`, the defaults of
     `Cosmos3TextToImagePipeline`) or text-to-video pipeline call with these arguments builds, so the student is
     distilled on what it will be asked at inference."""
-    requests = pipeline._requests(prompts, negative_prompt, 1, None, num_frames, height, width, fps, False,
-                                  use_system_prompt, add_resolution_template, add_duration_template)
-    return [DistillPrompt(r.cond_ids, r.uncond_ids, tuple(r.latent_shape), fps=r.fps) for r in requests]
+    return pipeline.prepare_requests(
+        prompts, negative_prompt, num_frames=num_frames, height=height, width=width, fps=fps,
+        use_system_prompt=use_system_prompt, add_resolution_template=add_resolution_template,
+        add_duration_template=add_duration_template)
 
 
 @dataclass
@@ -157,7 +138,7 @@ class _Batch:
     """A batch's static parts: layouts and text caches (conditional, and conditional + negative for the teacher),
     per-sample clean-frame masks `[1, T, 1, 1]` and clean latents."""
 
-    prompts: list[DistillPrompt]
+    prompts: list[Cosmos3Request]
     layout: Cosmos3Layout
     text_kv: Cosmos3TextKVCache
     cfg_layout: Cosmos3Layout | None
@@ -171,18 +152,18 @@ class Distiller:
 
     Args:
         teacher: the model to distill; frozen, and its text tower is shared with the student and the critic.
-        dataset: `DistillPrompt`s, or `Example`s (only their ids, latent shape, fps and conditioning frames are
-            used; their negative prompt is `negative_ids`).
+        dataset: `Cosmos3Request`s, e.g. from `pipeline_prompts`, or training `Example`s (only their ids, latent
+            shape, fps and conditioning frames are used; without their own, their negative prompt is `negative_ids`).
         config: the settings.
         log: receives one dict per step and per event (default: JSON lines on stdout).
-        negative_ids: the negative prompt's ids for `Example`s (required with guidance).
+        negative_ids: the negative prompt's ids for requests that carry none (required then with guidance).
     """
 
     # The data order is `Trainer`'s (it reads only `config.seed`, `config.batch_size` and `dataset`): a fresh seeded
     # permutation per epoch, so a resumed run sees the same batches.
     _batch_indices = Trainer._batch_indices
 
-    def __init__(self, teacher: Cosmos3Transformer, dataset: Sequence[DistillPrompt | Example], config: DistillConfig,
+    def __init__(self, teacher: Cosmos3Transformer, dataset: Sequence[Cosmos3Request], config: DistillConfig,
                  log: Callable[[dict], None] | None = None, negative_ids: Sequence[int] | None = None):
         if len(dataset) < config.batch_size:
             raise ValueError(f"The dataset has {len(dataset)} examples, fewer than `batch_size`={config.batch_size}.")
@@ -201,15 +182,10 @@ class Distiller:
         if config.gradient_checkpointing:
             self.student.enable_gradient_checkpointing()
             self.critic.enable_gradient_checkpointing()
-        self.student_optimizer = torch.optim.AdamW(self.student_params.values(), lr=config.student_learning_rate,
-                                                   betas=config.betas, weight_decay=config.weight_decay)
-        self.critic_optimizer = torch.optim.AdamW(self.critic_params.values(), lr=config.critic_learning_rate,
-                                                  betas=config.betas, weight_decay=config.weight_decay)
-        for params, optimizer in ((self.student_params, self.student_optimizer),
-                                  (self.critic_params, self.critic_optimizer)):
-            for p in params.values():  # created up front (as `Trainer` does) so a checkpoint always holds them
-                optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                      "exp_avg_sq": torch.zeros_like(p)}
+        self.student_optimizer = loop.adamw(self.student_params, lr=config.student_learning_rate, betas=config.betas,
+                                            weight_decay=config.weight_decay)
+        self.critic_optimizer = loop.adamw(self.critic_params, lr=config.critic_learning_rate, betas=config.betas,
+                                           weight_decay=config.weight_decay)
         self.ema = {name: p.detach().clone() for name, p in self.student_params.items()}
         # The pipeline keeps its sigmas in float32 (`scheduler.sigmas`); so do we, so the student sees the same t.
         self.sigmas = torch.tensor(config.student_sigmas + [0.0], dtype=torch.float32)
@@ -228,52 +204,34 @@ class Distiller:
 
     # ------------------------------------------------------------------------------------------------- the batch
 
-    def _prompt(self, item: DistillPrompt | Example) -> DistillPrompt:
-        if isinstance(item, DistillPrompt):
-            prompt = item
-        elif isinstance(item, Example):
-            if item.sound is not None or item.action is not None:
-                raise ValueError("Distillation generates vision only (the distilled pipeline path refuses sound and "
-                                 "actions); this Example has sound or actions.")
+    def _prompt(self, item: Cosmos3Request) -> Cosmos3Request:
+        if not isinstance(item, Cosmos3Request):
+            raise TypeError(f"Dataset items must be Cosmos3Request (or training Examples), got {type(item).__name__}.")
+        if item.sound_length or item.action is not None:
+            raise ValueError("Distillation generates vision only (the distilled pipeline path refuses sound and "
+                             "actions); this request has sound or actions.")
+        if item.negative_ids is None:
             if self.negative_ids is None and self.config.guidance_scale != 1.0:
-                raise ValueError("`Example`s carry no negative prompt: pass `negative_ids` to the Distiller (or use "
-                                 "`DistillPrompt`s) when `guidance_scale` != 1.")
-            frames = tuple(item.vision_condition_frames)
-            prompt = DistillPrompt(list(item.text_ids), self.negative_ids or [], tuple(item.vision.shape),
-                                   fps=item.fps, vision_condition_frames=frames,
-                                   condition=item.vision if frames else None)
-        else:
-            raise TypeError(f"Dataset items must be DistillPrompt or Example, got {type(item).__name__}.")
-        if len(prompt.vision_shape) != 4:
-            raise ValueError(f"`vision_shape` must be (C, T, h, w), got {prompt.vision_shape!r}.")
-        if prompt.vision_condition_frames and prompt.condition is None:
-            raise ValueError("A prompt with `vision_condition_frames` needs the clean latents in `condition`.")
-        return prompt
+                raise ValueError("This request carries no negative prompt (`negative_ids`): pass `negative_ids` to "
+                                 "the Distiller when `guidance_scale` != 1.")
+            item = dataclasses.replace(item, negative_ids=self.negative_ids or [])
+        return item
 
-    def batch(self, prompts: Sequence[DistillPrompt | Example]) -> _Batch:
+    def batch(self, prompts: Sequence[Cosmos3Request]) -> _Batch:
         """The static parts of a batch of prompts (layouts, the text keys/values, clean frames), built once per step."""
         prompts = [self._prompt(p) for p in prompts]
         model, cfg = self.teacher, self.config
-
-        def sample(p: DistillPrompt, ids: Sequence[int]) -> Cosmos3Sample:
-            return Cosmos3Sample(text_ids=list(ids), vision_shape=tuple(p.vision_shape[1:]), fps=p.fps,
-                                 vision_condition_frames=tuple(p.vision_condition_frames))
-
-        cond = [sample(p, p.text_ids) for p in prompts]
+        cond = [p.to_sample() for p in prompts]
         layout = model.build_layout(cond, temporal_compression=cfg.temporal_compression)
         cfg_layout = cfg_text_kv = None
         with torch.no_grad():  # the text tower is frozen and shared by the three networks
             text_kv = model.encode_text(layout)
             if cfg.guidance_scale != 1.0:  # the teacher's guided pass: conditional samples, then their negatives
-                cfg_layout = model.build_layout(cond + [sample(p, p.negative_ids) for p in prompts],
+                cfg_layout = model.build_layout(cond + [p.to_sample(negative=True) for p in prompts],
                                                 temporal_compression=cfg.temporal_compression)
                 cfg_text_kv = model.encode_text(cfg_layout)
-        masks, clean = [], []
-        for p in prompts:
-            mask = torch.zeros(1, p.vision_shape[1], 1, 1)
-            mask[:, list(p.vision_condition_frames)] = 1.0
-            masks.append(mask)
-            clean.append(torch.zeros(p.vision_shape) if p.condition is None else p.condition.float().cpu() * mask)
+        masks = [p.clean_mask("vision") for p in prompts]
+        clean = [None if p.vision is None else p.vision.float().cpu() * m for p, m in zip(prompts, masks)]
         return _Batch(prompts, layout, text_kv, cfg_layout, cfg_text_kv, masks, clean)
 
     # ---------------------------------------------------------------------------------------------------- pieces
@@ -293,11 +251,11 @@ class Distiller:
         out = model(batch.cfg_layout, vision, (torch.cat([t, t]) * 1000).to(model.device),
                     text_kv_cache=batch.cfg_text_kv).sample
         B = len(x)
-        return [out[B + b].float() + g * (out[b].float() - out[B + b].float()) for b in range(B)]
+        return [guide(out[b].float(), out[B + b].float(), g) for b in range(B)]
 
     def _with_clean(self, batch: _Batch, x: list[Tensor]) -> list[Tensor]:
-        """Put the clean conditioning frames back (as `_renoise_step` does after re-noising)."""
-        return [m.to(xi) * c.to(xi) + (1.0 - m.to(xi)) * xi for xi, m, c in zip(x, batch.clean_masks, batch.clean)]
+        """Put the clean conditioning frames back (as the distilled pipeline does after re-noising)."""
+        return [keep_clean(xi, c, m) for xi, m, c in zip(x, batch.clean_masks, batch.clean)]
 
     def _noise(self, batch: _Batch, generator: torch.Generator) -> list[Tensor]:
         device = self.teacher.device
@@ -317,14 +275,13 @@ class Distiller:
         for i in range(k):
             sigma, next_sigma = self.sigmas[i], self.sigmas[i + 1]
             v = self._velocity(self.student, batch, x, sigma.expand(len(x)))
-            x0 = [xi - sigma.item() * vi for xi, vi in zip(x, v)]
             noise = self._noise(batch, generator)
-            x = self._with_clean(batch, [(1.0 - next_sigma.item()) * a + next_sigma.item() * n
-                                         for a, n in zip(x0, noise)])
+            x = self._with_clean(batch, [renoise(xi, vi, sigma.item(), next_sigma.item(), n)
+                                         for xi, vi, n in zip(x, v, noise)])
         return x
 
     @torch.no_grad()
-    def sample(self, prompts: Sequence[DistillPrompt | Example], generator: torch.Generator) -> list[Tensor]:
+    def sample(self, prompts: Sequence[Cosmos3Request], generator: torch.Generator) -> list[Tensor]:
         """The student's full few-step samples (`x0` of the last step), drawing noise as the distilled pipeline does
         for one request with `generator` (so one prompt and a fresh generator reproduce the pipeline's output)."""
         batch = self.batch(prompts)
@@ -372,20 +329,10 @@ class Distiller:
     def _update(self, loss: Tensor, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                 record: dict, name: str) -> bool:
         """Backward and step, unless the loss or the gradient norm is not finite (then nothing changes)."""
-        optimizer.zero_grad(set_to_none=True)
         record[f"loss_{name}"] = float(loss.detach())
-        skipped = None
-        if not torch.isfinite(loss):
-            skipped = "non-finite loss"
-        else:
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), self.config.grad_clip)
-            record[f"grad_norm_{name}"] = float(grad_norm)
-            if not torch.isfinite(grad_norm):
-                skipped = "non-finite gradient norm"
-            else:
-                optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, skipped = loop.guarded_update(loss, params, optimizer, self.config.grad_clip)
+        if grad_norm is not None:
+            record[f"grad_norm_{name}"] = grad_norm
         if skipped:
             record[f"skipped_{name}"] = skipped
         return skipped is None
@@ -409,9 +356,7 @@ class Distiller:
         if update_student:
             loss, _ = self.dmd_loss(batch, x0, generator)
             if self._update(loss, self.student_params, self.student_optimizer, record, "dmd"):
-                with torch.no_grad():
-                    for name, p in self.student_params.items():
-                        self.ema[name].lerp_(p.detach(), 1.0 - cfg.ema_decay)
+                loop.ema_update(self.ema, self.student_params, cfg.ema_decay)
             else:
                 self.skipped_student_steps += 1
         loss = self.critic_loss(batch, [xi.detach() for xi in x0], generator)
@@ -425,51 +370,29 @@ class Distiller:
 
         On CPU, denormals are flushed while training (as `Trainer.train` does, for the same ~25x slowdown)."""
         self.resume()
-        records = []
-        flush = self.teacher.device.type == "cpu" and torch.set_flush_denormal(True)
-        try:
-            while self.step < self.config.max_steps:
-                start = time.perf_counter()
-                record = self.train_step()
-                record["seconds"] = round(time.perf_counter() - start, 4)
-                self.log(record)
-                records.append(record)
-                if self.step % self.config.save_every == 0 or self.step == self.config.max_steps:
-                    self.save()
-        finally:
-            if flush:
-                torch.set_flush_denormal(False)
-        return records
+        return loop.run(self, self.train_step, self.config.max_steps, self.config.save_every,
+                        flush_denormal=self.teacher.device.type == "cpu")
 
     # --------------------------------------------------------------------------------------------- checkpoints
 
     def state(self) -> dict[str, Tensor]:
         """Everything a resume needs, as a flat dict of tensors (the `cosmos3.training.checkpoint` format)."""
-        state = {}
-        for prefix, params, optimizer in (("student", self.student_params, self.student_optimizer),
-                                          ("critic", self.critic_params, self.critic_optimizer)):
-            for name, p in params.items():
-                state[f"{prefix}.{name}"] = p
-                for key, value in optimizer.state[p].items():
-                    state[f"{prefix}_optim.{name}.{key}"] = value
-        state.update({f"ema.{name}": value for name, value in self.ema.items()})
-        return state
+        return {**loop.checkpoint_state(self.student_params, self.student_optimizer, prefix="student",
+                                        optim_prefix="student_optim"),
+                **loop.checkpoint_state(self.critic_params, self.critic_optimizer, prefix="critic",
+                                        optim_prefix="critic_optim"),
+                **{f"ema.{name}": value for name, value in self.ema.items()}}
+
+    _COUNTERS = ("skipped_student_steps", "skipped_critic_steps")
 
     def save(self) -> str:
         """Write the checkpoint of the current step atomically (`checkpoint.save`); returns its folder."""
-        meta = {"skipped_student_steps": self.skipped_student_steps, "skipped_critic_steps": self.skipped_critic_steps,
-                "config": asdict(self.config)}
-        return checkpoint.save(self.config.output_dir, self.step, self.state(), meta, self.config.keep_checkpoints)
+        return loop.save(self, self.config.output_dir, self.config.keep_checkpoints, self._COUNTERS,
+                         config=asdict(self.config))
 
     def resume(self) -> int | None:
         """Load the newest complete checkpoint in `output_dir`; partial or corrupt ones are skipped with a message."""
-        meta = checkpoint.load_latest(self.config.output_dir, self.state(), self.log)
-        if meta is None:
-            return None
-        self.step = int(meta["step"])
-        self.skipped_student_steps = int(meta["skipped_student_steps"])
-        self.skipped_critic_steps = int(meta["skipped_critic_steps"])
-        return self.step
+        return loop.resume(self, self.config.output_dir, self._COUNTERS)
 
     # ---------------------------------------------------------------------------------------------------- export
 
@@ -513,12 +436,8 @@ def export_student(student: Cosmos3Transformer, pipeline, save_directory: str,
         sound_tokenizer=getattr(pipeline, "sound_tokenizer", None),
         default_use_system_prompt=pipeline.config.default_use_system_prompt, distilled_sigmas=sigmas,
     )
-    tmp = save_directory.rstrip(os.sep) + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    student_pipeline.save_pretrained(tmp)
-    with open(os.path.join(tmp, "modular_model_index.json"), "w") as f:
-        json.dump({"is_distilled": True, "distilled_sigmas": sigmas}, f, indent=2)
-    if os.path.isdir(save_directory):
-        os.rmdir(save_directory)  # empty (checked above)
-    os.replace(tmp, save_directory)
+    with atomic_directory(save_directory) as tmp:  # an empty `save_directory` (checked above) is replaced
+        student_pipeline.save_pretrained(tmp)
+        with open(os.path.join(tmp, "modular_model_index.json"), "w") as f:
+            json.dump({"is_distilled": True, "distilled_sigmas": sigmas}, f, indent=2)
     return save_directory

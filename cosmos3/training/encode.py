@@ -1,4 +1,4 @@
-"""Raw dataset samples -> `Example`s, conditioned exactly as the inference pipelines condition the model.
+"""Raw dataset samples -> training examples (`Cosmos3Request`s), conditioned exactly as the pipelines condition.
 
 A model fine-tuned on examples that differ from what a pipeline later feeds it (other prompt sentences, another
 resize, another canvas, unnormalized or differently padded actions, other clean frames) works worse for no visible
@@ -37,19 +37,26 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ..conditioning import (
+    ACTION_MODES,
+    RESOLUTION_BINS,
+    Cosmos3Request,
+    action_canvas,
+    action_mode_conditioning,
+    check_num_frames,
+    check_video_size,
+    tile_cameras,
+)
 from ..io import MediaDecodeError
-from ..pipelines.world_action import ACTION_MODES, RESOLUTION_BINS, action_canvas
 from ..tokenizers.action import (
     ACTION_DIM,
     EMBODIMENT_TO_RAW_ACTION_DIM,
     ActionNormalizer,
     get_embodiment,
 )
-from ..tokenizers.text import ACTION_VIEWPOINTS, PromptSettings, _special_ids, encode_prompts, load_text_tokenizer
+from ..tokenizers.text import ACTION_VIEWPOINTS, PromptSettings, encode_prompts, load_text_tokenizer, special_ids
 from ..tokenizers.vision import Cosmos3VisionTokenizer, preprocess_image
-from .trainer import Example
 
 VISION_TASKS = ("t2i", "t2v", "i2v")
 WORLD_ACTION_TASKS = (*ACTION_MODES, "mixed")
@@ -98,44 +105,6 @@ def normalizer_from_stats(
     return ActionNormalizer.from_dict(data)
 
 
-def tile_cameras(frames: Mapping[str, np.ndarray], cameras: Sequence[str] | None = None) -> np.ndarray:
-    """The cameras' uint8 `[T, H, W, 3]` clips side by side (left to right in `cameras` order) as one clip.
-
-    The world-action pipeline takes one clip; several views go in as one wide frame (the `concat_view` caption).
-    Cameras of another height are resized (aspect kept, bilinear, antialiased) to the first one's height. Names
-    are feature keys or their last part (`"front"` for `"observation.images.front"`).
-    """
-    keys = list(frames) if cameras is None else [_camera_key(frames, c) for c in cameras]
-    if not keys:
-        raise ValueError("The sample has no camera frames.")
-    clips = [np.asarray(frames[k]) for k in keys]
-    for k, clip in zip(keys, clips):
-        if clip.dtype != np.uint8 or clip.ndim != 4 or clip.shape[-1] != 3:
-            raise ValueError(f"Camera {k!r}: frames must be uint8 [T, H, W, 3], got {clip.dtype} {clip.shape}.")
-    lengths = {len(c) for c in clips}
-    if len(lengths) > 1:
-        raise ValueError(f"Cameras {keys} have different frame counts {[len(c) for c in clips]}.")
-    if len(clips) == 1:
-        return clips[0]
-    height = clips[0].shape[1]
-    out = []
-    for clip in clips:
-        if clip.shape[1] != height:
-            width = max(1, round(clip.shape[2] * height / clip.shape[1]))
-            x = torch.from_numpy(np.ascontiguousarray(clip)).permute(0, 3, 1, 2).float()
-            x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-            clip = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        out.append(clip)
-    return np.concatenate(out, axis=2)
-
-
-def _camera_key(frames: Mapping[str, Any], camera: str) -> str:
-    matches = [k for k in frames if k == camera or k.rsplit(".", 1)[-1] == camera]
-    if len(matches) != 1:
-        raise ValueError(f"`cameras` entry {camera!r} names {len(matches)} of the sample's cameras {list(frames)}.")
-    return matches[0]
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -145,7 +114,7 @@ def _is_positive(value: Any) -> bool:
 
 
 class ExampleEncoder:
-    """Turn one raw sample (`LeRobotDataset` or `FolderDataset`) into an `Example`, as the pipelines condition.
+    """Turn one raw sample (`LeRobotDataset` or `FolderDataset`) into a `Cosmos3Request`, as the pipelines condition.
 
     Args:
         vae: the pipeline's `vae` (an `AutoencoderKLWan`) or a `Cosmos3VisionTokenizer` around it.
@@ -223,7 +192,7 @@ class ExampleEncoder:
         if not callable(getattr(text_tokenizer, "apply_chat_template", None)):
             raise TypeError(f"`text_tokenizer` must be the pipeline's text tokenizer (a transformers tokenizer with a "
                             f"chat template), got {type(text_tokenizer).__name__}.")
-        _special_ids(text_tokenizer)  # ValueError unless it is a Cosmos 3 tokenizer
+        special_ids(text_tokenizer)  # ValueError unless it is a Cosmos 3 tokenizer
         self.vae, self.text_tokenizer = vae, text_tokenizer
         tf, sf = int(config.scale_factor_temporal), int(config.scale_factor_spatial)
 
@@ -233,10 +202,7 @@ class ExampleEncoder:
         world = task in WORLD_ACTION_TASKS
         if num_frames is None and task == "t2i":
             num_frames = 1
-        if not _is_int(num_frames) or num_frames < 1 or (num_frames - 1) % tf:
-            valid = ", ".join(str(1 + tf * k) for k in range(1, 5))
-            raise ValueError(f"`num_frames` must be an int 1 + {tf}k ({valid}, ...) for task {task!r}, "
-                             f"got {num_frames!r}.")
+        check_num_frames(num_frames, tf)
         if task == "t2i" and num_frames != 1:
             raise ValueError(f"`num_frames` must be 1 for task 't2i' (use task 't2v' for videos), got {num_frames}.")
         if task != "t2i" and num_frames == 1:
@@ -252,9 +218,7 @@ class ExampleEncoder:
                 raise ValueError(f"`resolution_tier` must be one of {sorted(RESOLUTION_BINS)}, got "
                                  f"{resolution_tier!r}.")
         else:
-            for name, value in (("height", height), ("width", width)):
-                if not _is_int(value) or value < sf or value % sf:
-                    raise ValueError(f"`{name}` must be a positive multiple of {sf} for task {task!r}, got {value!r}.")
+            check_video_size(num_frames, height, width, temporal_factor=tf, spatial_factor=sf)
         self.height, self.width, self.resolution_tier = height, width, resolution_tier
 
         if cameras is not None:
@@ -383,7 +347,7 @@ class ExampleEncoder:
         rng = self._rng(sample, _MODE_STREAM)
         return modes[int(rng.choice(len(modes), p=[self.mode_weights[m] for m in modes]))]
 
-    def __call__(self, sample: Mapping[str, Any]) -> Example:
+    def __call__(self, sample: Mapping[str, Any]) -> Cosmos3Request:
         """Encode one dataset sample (see the class docstring); runs under `no_grad` on `device`."""
         if not isinstance(sample, Mapping) or "frames" not in sample:
             raise TypeError(f"A sample must be a LeRobotDataset / FolderDataset dict with `frames`, got "
@@ -395,7 +359,7 @@ class ExampleEncoder:
                 return self._world_action(sample, self.mode_of(sample))
             return self._vision(sample)
 
-    def _vision(self, sample: Mapping[str, Any]) -> Example:
+    def _vision(self, sample: Mapping[str, Any]) -> Cosmos3Request:
         frames = self._clip(sample)
         n = self.num_frames
         fps = self._fps(sample) if n > 1 else 24.0  # the text-to-image pipeline's value (no duration sentence)
@@ -406,12 +370,12 @@ class ExampleEncoder:
             num_frames=n, height=self.height, width=self.width, fps=fps, use_system_prompt=self.use_system_prompt,
             add_resolution_template=self.add_resolution_template, add_duration_template=self.add_duration_template,
         )
-        return Example(
-            text_ids=self._prompt_ids(sample, settings), vision=latents,
+        return Cosmos3Request(
+            self._prompt_ids(sample, settings), vision=latents,
             vision_condition_frames=(0,) if self.task == "i2v" else (), fps=fps if n > 1 else None,
         )
 
-    def _world_action(self, sample: Mapping[str, Any], mode: str) -> Example:
+    def _world_action(self, sample: Mapping[str, Any], mode: str) -> Cosmos3Request:
         from PIL import Image
 
         if not isinstance(sample["frames"], Mapping) or sample.get("action") is None:
@@ -443,12 +407,11 @@ class ExampleEncoder:
         )
         padded = torch.zeros(chunk, self.action_dim)
         padded[:, : self.raw_action_dim] = self.action_normalizer.normalize(actions[:chunk])
-        latent_t = (n - 1) // tf + 1
-        return Example(
-            text_ids=self._prompt_ids(sample, settings), vision=latents,
-            vision_condition_frames=tuple(range(latent_t)) if mode == "inverse_dynamics" else (0,), fps=fps,
-            action=padded, action_condition=tuple(range(chunk)) if mode == "forward_dynamics" else (),
-            action_domain_id=self.domain_id, raw_action_dim=self.raw_action_dim,
+        vision_clean, action_clean = action_mode_conditioning(mode, (n - 1) // tf + 1, chunk)
+        return Cosmos3Request(
+            self._prompt_ids(sample, settings), vision=latents, vision_condition_frames=vision_clean, fps=fps,
+            action=padded, action_condition_frames=action_clean, action_domain_id=self.domain_id,
+            raw_action_dim=self.raw_action_dim,
         )
 
     # ------------------------------------------------------------------------------------------------ pieces

@@ -92,7 +92,7 @@ def forward_dynamics_psnr(pipe, normalizer, data_root: str | os.PathLike, *, num
     from PIL import Image
 
     from ..pipelines import ActionRequest
-    from ..pipelines.world_action import action_canvas
+    from ..conditioning import action_canvas
     from ..tokenizers.vision import Cosmos3VisionTokenizer, postprocess_video
     from .datasets import LeRobotDataset
     from .encode import tile_cameras

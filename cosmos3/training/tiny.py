@@ -19,7 +19,7 @@ import os
 import shutil
 from typing import Any
 
-from ..io import atomic_directory
+from ..io import atomic_directory, atomic_write_text
 
 TINY_TRANSFORMER_CONFIG: dict[str, Any] = dict(
     hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
@@ -96,10 +96,7 @@ def write_caption_file(folder: str, out_path: str | None = None, kind: str = "im
     out_path = out_path or os.path.join(folder, f"captions-train-{kind}.txt")
     captions = sorted({line["text"] for line in read_jsonl(os.path.join(folder, "metadata.jsonl"))
                        if line.get("kind", kind) == kind})
-    tmp = out_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(captions) + "\n")
-    os.replace(tmp, out_path)
+    atomic_write_text(out_path, "\n".join(captions) + "\n")
     return out_path
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -30,9 +29,9 @@ import torch
 from torch import Tensor
 
 from .. import flow
-from ..models.layout import Cosmos3Sample
+from ..conditioning import Cosmos3Request
 from ..models.transformer_cosmos3 import Cosmos3Transformer
-from . import checkpoint, lora
+from . import checkpoint, loop, lora
 from .parallel import PARALLELISM, all_reduce_sum, apply_parallelism, full, world
 
 # Parameter-name pieces of the generation tower and the heads (everything else is the frozen text tower).
@@ -44,30 +43,8 @@ GENERATION_PARAMETERS = (
 MIXED_PRECISION = ("no", "bf16")
 
 
-@dataclass
-class Example:
-    """One training sample: prompt ids and clean latents (what a dataset yields after tokenization).
-
-    Args:
-        text_ids: prompt token ids.
-        vision: clean vision latents `[C, T, H, W]`.
-        vision_condition_frames: latent frames given clean (i2v / v2v / world-action), excluded from the loss.
-        fps: clip frame rate (None for images).
-        sound: clean sound latents `[C_s, T_s]` or None.
-        action: clean actions padded to the model width `[N, action_dim]` or None.
-        action_condition: action tokens given clean (forward dynamics).
-        action_domain_id, raw_action_dim: the embodiment and its unpadded width (loss is masked beyond it).
-    """
-
-    text_ids: Sequence[int]
-    vision: Tensor
-    vision_condition_frames: tuple[int, ...] = ()
-    fps: float | None = None
-    sound: Tensor | None = None
-    action: Tensor | None = None
-    action_condition: tuple[int, ...] = ()
-    action_domain_id: int = 0
-    raw_action_dim: int | None = None
+# A training example is a request whose clean latents hold every frame: the loss target (`Cosmos3Request`).
+Example = Cosmos3Request
 
 
 @dataclass
@@ -181,11 +158,8 @@ class Trainer:
         self.forward_model = apply_parallelism(model, config.parallelism, forward_methods=("encode_text",))
         # after wrapping: under FSDP these are the sharded DTensor parameters
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=config.learning_rate, betas=config.betas,
-                                           weight_decay=config.weight_decay)
-        for p in self.params.values():  # created up front so a checkpoint always holds the same tensors
-            self.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                       "exp_avg_sq": torch.zeros_like(p)}
+        self.optimizer = loop.adamw(self.params, lr=config.learning_rate, betas=config.betas,
+                                    weight_decay=config.weight_decay)
         self.ema = {name: p.detach().clone() for name, p in self.params.items()}
         self.step = 0
         self.skipped_steps = 0
@@ -251,29 +225,16 @@ class Trainer:
             t_b = flow.shift_timesteps(flow.sample_timesteps(1, cfg.timestep_distribution, generator=gen),
                                        cfg.timestep_shift)[0]
             t.append(t_b)
-            samples.append(Cosmos3Sample(
-                text_ids=list(ex.text_ids), vision_shape=tuple(ex.vision.shape[1:]), fps=ex.fps,
-                vision_condition_frames=ex.vision_condition_frames,
-                sound_length=0 if ex.sound is None else ex.sound.shape[1],
-                action_length=0 if ex.action is None else ex.action.shape[0],
-                action_condition_frames=ex.action_condition, action_domain_id=ex.action_domain_id,
-            ))
-            for name, x0, clean in (("vision", ex.vision, ex.vision_condition_frames), ("sound", ex.sound, ()),
-                                    ("action", ex.action, ex.action_condition)):
+            samples.append(ex.to_sample())
+            for name, x0 in (("vision", ex.vision), ("sound", ex.sound), ("action", ex.action)):
                 if x0 is None:
                     x_t[name].append(None)
                     continue
                 x0 = x0.float()
                 noise = torch.randn(x0.shape, generator=gen)
-                # which positions are clean (conditioning): frames of vision ([C, T, ...] axis 1), tokens of actions
-                axis = 1 if name == "vision" else 0
-                clean_mask = torch.zeros(x0.shape[axis])
-                clean_mask[list(clean)] = 1.0
-                clean_mask = clean_mask.view(*([1] * axis), -1, *([1] * (x0.ndim - axis - 1)))
+                clean_mask = ex.clean_mask(name)
                 x_t[name].append(flow.add_noise(x0, noise, t_b, clean_mask=clean_mask).to(device, dtype))
-                loss_mask = (1.0 - clean_mask).expand_as(x0).clone()
-                if name == "action" and ex.raw_action_dim is not None:
-                    loss_mask[:, ex.raw_action_dim :] = 0.0  # padded channels carry no loss
+                loss_mask = ex.loss_mask(name)
                 if loss_mask.any():
                     per_modality.setdefault(name, []).append((b, flow.velocity_target(x0, noise), loss_mask))
         t = torch.stack(t)
@@ -326,84 +287,47 @@ class Trainer:
         examples = [example for _, example in batch]
         generators = [sample_generator(cfg.seed, self.step, p) for p, _ in batch]
         loss, parts = self.loss(examples, generators)
-        self.optimizer.zero_grad(set_to_none=True)
         global_loss = float(all_reduce_sum(loss.detach().float().cpu())) / self.world_size
         record = {"step": self.step + 1, "loss": global_loss, **{f"loss_{k}": v for k, v in parts.items()},
                   "samples": int(all_reduce_sum(torch.tensor([float(len(batch))])))}
-        if not torch.isfinite(torch.tensor(global_loss)):
-            record["skipped"] = "non-finite loss"
-        else:
-            loss.backward()
-            grad_norm = full(torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip))
-            record["grad_norm"] = float(grad_norm)
-            if not torch.isfinite(grad_norm):
-                record["skipped"] = "non-finite gradient norm"
-            else:
-                for p in self.params.values():
-                    # A head no sample of the batch used (sound, actions) gets a zero gradient, not none, so that
-                    # Adam treats it the same on one process and under FSDP (where it must produce one).
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                self.optimizer.step()
-                with torch.no_grad():
-                    for name, p in self.params.items():
-                        self.ema[name].lerp_(p.detach(), 1.0 - cfg.ema_decay)
-        if "skipped" in record:
-            self.optimizer.zero_grad(set_to_none=True)
+        # The global loss decides, so that every rank skips together; a head no sample of the batch used (sound,
+        # actions) gets a zero gradient, not none, as under FSDP (where it must produce one).
+        grad_norm, skipped = loop.guarded_update(loss, self.params, self.optimizer, cfg.grad_clip,
+                                                 loss_value=global_loss, zero_missing_grads=True)
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        if skipped:
+            record["skipped"] = skipped
             self.skipped_steps += 1
+        else:
+            loop.ema_update(self.ema, self.params, cfg.ema_decay)
         self.step += 1
         return record
 
     def train(self) -> list[dict]:
         """Resume from the newest complete checkpoint, if any, then train to `max_steps`, saving as configured.
 
-        On CPU, denormal floats are flushed to zero while training (and the setting is switched off afterwards):
-        Adam's second moments of parameters with tiny gradients become denormal and made CPU steps ~25x slower
-        in our measurements; values that small change nothing in the update.
+        On CPU, denormal floats are flushed to zero while training (`loop.cpu_settings` says why).
         """
         self.resume()
-        records = []
-        flush = self.model.device.type == "cpu" and torch.set_flush_denormal(True)
-        try:
-            batches = self._batches(self.step)
-            while self.step < self.config.max_steps:
-                start = time.perf_counter()
-                record = self.train_step(next(batches))
-                record["seconds"] = round(time.perf_counter() - start, 4)
-                self.log(record)
-                records.append(record)
-                if self.step % self.config.save_every == 0 or self.step == self.config.max_steps:
-                    self.save()
-        finally:
-            if flush:
-                torch.set_flush_denormal(False)
-        return records
+        batches = self._batches(self.step)
+        return loop.run(self, lambda: self.train_step(next(batches)), self.config.max_steps, self.config.save_every,
+                        flush_denormal=self.model.device.type == "cpu")
 
     # --------------------------------------------------------------------------------------------- checkpoints
 
     def state(self) -> dict[str, Tensor]:
         """Everything a resume needs, as a flat dict of (possibly sharded) tensors."""
-        state = {}
-        for name, p in self.params.items():
-            state[f"model.{name}"] = p
-            state[f"ema.{name}"] = self.ema[name]
-            for key, value in self.optimizer.state[p].items():
-                state[f"optim.{name}.{key}"] = value
-        return state
+        return loop.checkpoint_state(self.params, self.optimizer, self.ema)
 
     def save(self) -> str:
         """Write the checkpoint of the current step (all ranks call this); returns its folder."""
-        meta = {"skipped_steps": self.skipped_steps, "world_size": self.world_size, "config": asdict(self.config)}
-        return checkpoint.save(self.config.output_dir, self.step, self.state(), meta, self.config.keep_checkpoints)
+        return loop.save(self, self.config.output_dir, self.config.keep_checkpoints, ("skipped_steps",),
+                         world_size=self.world_size, config=asdict(self.config))
 
     def resume(self) -> int | None:
         """Load the newest complete checkpoint in `output_dir`; partial or corrupt ones are skipped with a message."""
-        state = self.state()
-        meta = checkpoint.load_latest(self.config.output_dir, state, self.log)
-        if meta is None:
-            return None
-        self.step, self.skipped_steps = int(meta["step"]), int(meta["skipped_steps"])
-        return self.step
+        return loop.resume(self, self.config.output_dir, ("skipped_steps",))
 
     # ------------------------------------------------------------------------------------------------- export
 

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import checkpoint
+from . import loop
 
 # AutoencoderKLWan keyword arguments (Wan 2.2 layout; 16x spatial, 4x temporal; 16 latent channels).
 TINY_VAE_CONFIG: dict[str, Any] = {
@@ -186,7 +186,7 @@ def lerobot_media(root: str | os.PathLike, *, size: int = 64, video_frames: int 
     """Frames of a LeRobot v3 dataset's videos as the world-action pipeline sees them: placed on the `size` tier's
     square canvas by `action_canvas` (downscaled with antialiasing, never upscaled). Returns `n_images` random frames
     `[N, size, size, 3]` and `n_clips` random windows of `video_frames` frames inside episodes, uint8."""
-    from ..pipelines.world_action import action_canvas
+    from ..conditioning import action_canvas
     from .datasets import LeRobotDataset
 
     data = LeRobotDataset(root, clip_frames=video_frames, stride=2, action_key=None, state_key=None)
@@ -258,11 +258,8 @@ class VAETrainer:
             raise ValueError("no training data: the folder holds neither images nor long enough clips")
         self._log = log
         self.params = {n: p for n, p in vae.named_parameters() if p.requires_grad}
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg["learning_rate"], betas=tuple(cfg["betas"]),
-                                           weight_decay=cfg["weight_decay"])
-        for p in self.params.values():  # created up front so a checkpoint always holds the same tensors
-            self.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                       "exp_avg_sq": torch.zeros_like(p)}
+        self.optimizer = loop.adamw(self.params, lr=cfg["learning_rate"], betas=cfg["betas"],
+                                    weight_decay=cfg["weight_decay"])
         self.ema = {n: p.detach().clone() for n, p in self.params.items()} if cfg["ema_decay"] else {}
         self.step = 0
 
@@ -323,24 +320,15 @@ class VAETrainer:
             group["lr"] = lr
         start = time.perf_counter()
         loss, parts = reconstruction_loss(self.vae, video, cfg, generator)
-        self.optimizer.zero_grad(set_to_none=True)
         record: dict[str, Any] = {"step": self.step + 1, "loss": loss.item(), **parts, "lr": lr,
                                   "frames": int(video.shape[2])}
-        if not torch.isfinite(loss):
-            record["skipped"] = "non-finite loss"
-        else:
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg["grad_clip"])
-            record["grad_norm"] = float(grad_norm)
-            if not torch.isfinite(grad_norm):
-                record["skipped"] = "non-finite gradient norm"
-            else:
-                self.optimizer.step()
-                if self.ema:
-                    with torch.no_grad():
-                        for name, p in self.params.items():
-                            self.ema[name].lerp_(p.detach(), 1.0 - cfg["ema_decay"])
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm, skipped = loop.guarded_update(loss, self.params, self.optimizer, cfg["grad_clip"])
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        if skipped:
+            record["skipped"] = skipped
+        elif self.ema:
+            loop.ema_update(self.ema, self.params, cfg["ema_decay"])
         record["seconds"] = time.perf_counter() - start
         self.step += 1
         return record
@@ -350,29 +338,19 @@ class VAETrainer:
         `save_every` steps and at the end. Returns the step records of this call."""
         cfg = self.config
         self.resume()
-        records: list[dict] = []
         start = time.monotonic()
-        flush = torch.set_flush_denormal(True)
-        threads = torch.get_num_threads()
-        if cfg["num_threads"]:
-            torch.set_num_threads(cfg["num_threads"])
-        try:
-            while self.step < cfg["max_steps"]:
-                record = self.train_step()
-                records.append(record)
-                if self.step % cfg["log_every"] == 0 or self.step == cfg["max_steps"] or "skipped" in record:
-                    self.log({**record, "elapsed": round(time.monotonic() - start, 1)})
-                out_of_time = cfg["max_minutes"] is not None and time.monotonic() - start > 60 * cfg["max_minutes"]
-                if cfg["output_dir"] and (self.step % cfg["save_every"] == 0 or self.step == cfg["max_steps"]
-                                          or out_of_time):
-                    self.save()
-                if out_of_time:
-                    self.log({"event": "time budget spent", "step": self.step, "minutes": cfg["max_minutes"]})
-                    break
-        finally:
-            if flush:
-                torch.set_flush_denormal(False)
-            torch.set_num_threads(threads)
+
+        def log(record):
+            if self.step % cfg["log_every"] == 0 or self.step == cfg["max_steps"] or "skipped" in record:
+                self.log({**record, "elapsed": round(time.monotonic() - start, 1)})
+
+        def out_of_time():
+            if cfg["max_minutes"] is not None and time.monotonic() - start > 60 * cfg["max_minutes"]:
+                return {"event": "time budget spent", "step": self.step, "minutes": cfg["max_minutes"]}
+            return None
+
+        records = loop.run(self, self.train_step, cfg["max_steps"], cfg["save_every"] if cfg["output_dir"] else None,
+                           flush_denormal=True, num_threads=cfg["num_threads"], log=log, stop=out_of_time)
         self.vae.eval()
         return records
 
@@ -380,30 +358,18 @@ class VAETrainer:
 
     def state(self) -> dict[str, Tensor]:
         """Weights, EMA and optimizer moments as one flat dict of tensors (what a resume needs)."""
-        state = {}
-        for name, p in self.params.items():
-            state[f"model.{name}"] = p
-            if self.ema:
-                state[f"ema.{name}"] = self.ema[name]
-            for key, value in self.optimizer.state[p].items():
-                state[f"optim.{name}.{key}"] = value
-        return state
+        return loop.checkpoint_state(self.params, self.optimizer, self.ema)
 
     def save(self) -> str:
         vae_config = {k: v for k, v in self.vae.config.items() if not k.startswith("_")}
-        meta = {"config": self.config, "vae_config": vae_config}
-        return checkpoint.save(self.config["output_dir"], self.step, self.state(), meta,
-                               self.config["keep_checkpoints"])
+        return loop.save(self, self.config["output_dir"], self.config["keep_checkpoints"], config=self.config,
+                         vae_config=vae_config)
 
     def resume(self) -> int | None:
         """Load the newest complete checkpoint of `output_dir`; returns its step, or None."""
         if not self.config["output_dir"]:
             return None
-        meta = checkpoint.load_latest(self.config["output_dir"], self.state(), self.log)
-        if meta is None:
-            return None
-        self.step = int(meta["step"])
-        return self.step
+        return loop.resume(self, self.config["output_dir"])
 
     # ------------------------------------------------------------------------------------------------- export
 

@@ -23,8 +23,19 @@ try:  # a missing gradio fails the run loudly: the `test` extra installs it
 except ImportError as e:
     raise ImportError("The demo tests need gradio: pip install -c ci/constraints.txt -e '.[test]'.") from e
 
+import cosmos3.assets  # noqa: E402
 from cosmos3 import demo as demo_module  # noqa: E402
-from cosmos3.demo import CONCURRENCY_ID, DemoApp, DemoLimits, launch_options, plot_actions  # noqa: E402
+from cosmos3.demo import (  # noqa: E402
+    CONCURRENCY_ID,
+    DemoApp,
+    DemoLimits,
+    action_labels,
+    build_page,
+    draw_landscape,
+    draw_tabletop,
+    launch_options,
+    plot_actions,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 T2I = dict(prompt="a red cube", negative_prompt="", steps=2, guidance=6.0, seed=0, height=32, width=48)
@@ -36,10 +47,6 @@ INSTALL_HINT = ("Install the browser test tools: `pip install playwright==1.65.2
 
 def message(error: BaseException) -> str:
     return getattr(error, "message", str(error))
-
-
-def tabletop(app: DemoApp) -> Image.Image:
-    return Image.open(app.examples["tabletop"]).convert("RGB")
 
 
 # ----------------------------------------------------------------------------------------------------- loading
@@ -63,11 +70,11 @@ def test_missing_capabilities_are_explained(plain_model_folder):
     assert "no action heads" in app.unavailable["world_action"]
     assert "all zeros" in app.unavailable["text"]
     with pytest.raises(gr.Error) as e:
-        app.world_action(tabletop(app), "push the block", "pusht", 4, 2, 0, 256)
+        app.world_action(draw_tabletop(), "push the block", "pusht", 4, 2, 0, 256)
     assert "no action heads" in message(e.value)
     with pytest.raises(gr.Error, match="all zeros"):
         app.generate_text("hello", "", 4, 0.0, 1.0, 0)
-    page = json.dumps(app.build().get_config_file())
+    page = json.dumps(build_page(app).get_config_file())
     assert "no action heads" in page and "all zeros" in page
     assert app.text_to_image(**T2I).size == (48, 32)  # the other tabs still work
 
@@ -89,14 +96,16 @@ def test_distilled_checkpoint_fixes_steps_and_guidance(demo_model_folder, tmp_pa
     assert app.text_to_image(**{**T2I, "steps": 4, "guidance": 1.0}).size == (48, 32)
     with pytest.raises(gr.Error, match="fixed 4-step schedule"):
         app.text_to_image(**T2I)
-    sliders = {c["props"]["elem_id"]: c["props"] for c in app.build().get_config_file()["components"]
+    sliders = {c["props"]["elem_id"]: c["props"] for c in build_page(app).get_config_file()["components"]
                if c["props"].get("elem_id") in ("t2i-steps", "t2i-guidance")}
     assert (sliders["t2i-steps"]["value"], sliders["t2i-steps"]["interactive"]) == (4, False)
     assert (sliders["t2i-guidance"]["value"], sliders["t2i-guidance"]["interactive"]) == (1.0, False)
 
 
 def test_default_model_folder_says_how_to_pass_one(monkeypatch):
-    monkeypatch.setattr(demo_module, "_TINY_MODEL", ("assets", "no-such-model"))
+    assert demo_module.default_model_folder is cosmos3.assets.default_model_folder  # the old import still works
+    assert os.path.isfile(os.path.join(cosmos3.assets.default_model_folder(), "model_index.json"))
+    monkeypatch.setattr(cosmos3.assets, "_TINY_MODEL", "no-such-model")
     with pytest.raises(FileNotFoundError, match="--model"):
         demo_module.default_model_folder()
 
@@ -112,10 +121,15 @@ def test_bad_model_folder_is_a_clear_error(tmp_path):
 
 
 def test_text_to_image_returns_the_image_and_reports_each_step(demo_app):
+    import torch
+
     calls = []
     image = demo_app.text_to_image(**T2I, progress=lambda value, desc=None: calls.append(value))
-    assert isinstance(image, Image.Image) and image.size == (48, 32)
+    assert (image.mode, image.size) == ("RGB", (48, 32))
     assert calls == [(1, 2), (2, 2)]
+    direct = demo_app.t2i("a red cube", height=32, width=48, num_inference_steps=2, guidance_scale=6.0,
+                          generator=torch.Generator().manual_seed(0), output_type="pil").images[0]
+    assert np.array_equal(np.asarray(image), np.asarray(direct))  # the handler asks the pipeline for what was sent
     again = demo_app.text_to_image(**T2I)
     other = demo_app.text_to_image(**{**T2I, "seed": 1})
     assert np.array_equal(np.asarray(image), np.asarray(again))  # the seed decides
@@ -125,8 +139,7 @@ def test_text_to_image_returns_the_image_and_reports_each_step(demo_app):
 def test_image_to_video_writes_an_mp4(demo_app):
     from cosmos3.io import read_video
 
-    path = demo_app.image_to_video(Image.open(demo_app.examples["landscape"]), "the sun sets", None, 5, 2, 6.0, 0,
-                                   32, 32, 12)
+    path = demo_app.image_to_video(draw_landscape(), "the sun sets", None, 5, 2, 6.0, 0, 32, 32, 12)
     assert path.endswith(".mp4") and path.startswith(demo_app.workdir)
     video = read_video(path)
     assert video.frames.shape[:3] == (5, 32, 32)
@@ -134,23 +147,32 @@ def test_image_to_video_writes_an_mp4(demo_app):
 
 def test_world_action_returns_plot_video_and_actions_in_robot_units(demo_app):
     calls = []
-    observation = tabletop(demo_app).resize((64, 64))  # on the 256 canvas, never upscaled: a small clip
+    observation = draw_tabletop().resize((64, 64))  # on the 256 canvas, never upscaled: a small clip
     plot, path, result = demo_app.world_action(observation, "push the T into the goal", "pusht", 4, 2, 0, 256,
                                                progress=lambda value, desc=None: calls.append(value))
-    assert isinstance(plot, Image.Image) and plot.size == (720, 380)
-    assert np.asarray(plot).std() > 0
     assert os.path.isfile(path) and path.endswith(".mp4")
     assert result["embodiment"] == "pusht" and result["normalized"] is False  # the folder's normalizer applied
     actions = np.asarray(result["actions"])
     assert actions.shape == (4, 2) and np.isfinite(actions).all()
+    # the plot draws exactly the returned actions, per pusht channel, and its title names the units
+    expected = plot_actions(actions, action_labels("pusht", 2), title="pusht: 4 actions (robot units)")
+    assert plot.size == (720, 380) and np.array_equal(np.asarray(plot), np.asarray(expected))
     assert calls == [(1, 2), (2, 2)]
 
 
 def test_text_tab_generates_text(demo_app):
-    reply = demo_app.generate_text("hello there", "", 6, 0.0, 1.0, 0)
-    assert isinstance(reply, str)
+    import torch
+
+    reply = demo_app.generate_text("  hello there ", "", 6, 0.0, 1.0, 0)
+    greedy = demo_app.text("hello there", max_new_tokens=6)  # the message stripped, no system prompt
+    assert reply == greedy.text[0] and len(greedy.token_ids[0]) == 6  # the random model never stops early here
+    assert demo_app.generate_text("hello there", "", 6, 0.0, 1.0, 5) == reply  # greedy: the seed changes nothing
+
     sampled = demo_app.generate_text("hello there", "be brief", 6, 0.8, 0.9, 3, True)
-    assert isinstance(sampled, str)
+    sampling = dict(max_new_tokens=6, temperature=0.8, top_p=0.9, system_prompt="be brief")
+    upsampled = demo_app.text.upsample_prompt("hello there", generator=torch.Generator().manual_seed(3), **sampling)
+    plain = demo_app.text("hello there", generator=torch.Generator().manual_seed(3), **sampling).text[0]
+    assert sampled == upsampled[0] and sampled != plain  # the checkbox rewrites the prompt instead of answering it
 
 
 LIMITS = DemoLimits()
@@ -193,7 +215,7 @@ def test_text_to_image_refuses_out_of_range_values(demo_app, monkeypatch, overri
 def test_other_tabs_refuse_out_of_range_values(demo_app, monkeypatch):
     for name in ("i2v", "action", "text"):
         monkeypatch.setattr(demo_app, name, lambda *a, **k: pytest.fail("the pipeline ran on a refused request"))
-    image = tabletop(demo_app)
+    image = draw_tabletop()
     i2v = dict(image=image, prompt="go", negative_prompt="", frames=5, steps=2, guidance=6.0, seed=0, height=32,
                width=32, fps=12)
     cases = [
@@ -259,22 +281,11 @@ def test_internal_errors_hide_their_details(demo_app, monkeypatch, caplog):
         demo_app.text_to_image(**T2I)
 
 
-def test_plot_actions():
-    plot = plot_actions(np.sin(np.linspace(0, 3, 40)).reshape(20, 2), ["x", "y"], title="t")
-    assert plot.size == (720, 380) and np.asarray(plot).min() < 100
-    assert plot_actions(np.zeros((1, 30))).size == (720, 380)  # one step, constant, many channels
-    assert plot_actions([[np.nan, 1.0], [2.0, np.inf]]).size == (720, 380)
-    with pytest.raises(ValueError, match=r"\[T >= 1, D >= 1\]"):
-        plot_actions(np.zeros(5))
-    assert demo_module.action_labels("droid_lerobot", 10)[-1] == "arm.gripper"
-    assert demo_module.action_labels("libero", 7) == [f"a{i}" for i in range(7)]
-
-
 # ------------------------------------------------------------------------------------------------ safety settings
 
 
 def test_page_is_queued_one_model_call_at_a_time(demo_app):
-    demo = demo_app.build()
+    demo = build_page(demo_app)
     config = demo.get_config_file()
     assert config["analytics_enabled"] is False and demo.analytics_enabled is False
     assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
@@ -323,6 +334,7 @@ def test_command_line_options():
     assert (args.model, args.host, args.port, args.device) == (None, "127.0.0.1", 7860, None)
     with pytest.raises(ValueError, match="--port"):
         demo_module.run_demo(parser.parse_args(["--port", "70000"]))
+
 
 def test_app_script_is_a_thin_entry_point(capsys):
     app = runpy.run_path(str(REPO / "demos" / "app.py"), run_name="demos_app")

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
+from cosmos3.conditioning import encode_conditioning
 from cosmos3.pipelines import Cosmos3ImageToVideoPipeline, Cosmos3VideoToVideoPipeline
-from cosmos3.pipelines.common import encode_conditioning
 
 from .conftest import gen
 

@@ -8,6 +8,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
+from cosmos3.conditioning import Cosmos3Request
 from cosmos3.pipelines import Cosmos3ImageToVideoPipeline, Cosmos3TextToVideoPipeline
 
 from .conftest import gen
@@ -43,8 +44,8 @@ def test_one_sample_equals_the_schedulers_stochastic_step(components):
     scheduler.set_timesteps(sigmas=SIGMAS)
     pipe.scheduler.set_timesteps(sigmas=SIGMAS)
     latents, velocity = torch.randn(1, 8, 3, 2, 3), torch.randn(1, 8, 3, 2, 3)
-    requests = [type("R", (), {"generator": gen(3), "condition_frames": ()})()]
-    ours = pipe._renoise_step(velocity, latents, 0, requests, [None])
+    requests = [Cosmos3Request([1], vision_shape=(8, 3, 2, 3))]
+    ours = pipe.renoise_step(velocity, latents, 0, requests, [gen(3)])
     theirs = scheduler.step(velocity[None], scheduler.timesteps[0], latents[None], generator=gen(3)).prev_sample[0]
     assert torch.allclose(ours, theirs, atol=1e-6)
 

@@ -1,7 +1,12 @@
 """Cosmos3Policy: LeRobot-style select_action / predict_action_chunk over a tiny world-action checkpoint."""
 
+import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
+from diffusers import UniPCMultistepScheduler
 
 from cosmos3.robotics.policy import Cosmos3Policy, PolicyConfig, tile_frames
 
@@ -44,18 +49,59 @@ def test_select_action_executes_n_action_steps_per_chunk(policy, monkeypatch):
 
 
 def test_a_list_of_observations_is_one_batched_call_equal_to_single_calls(policy):
+    observations = [observation(0), observation(1, task="push it left")]
     policy.reset(seed=1)
-    batch = policy.predict_action_chunk([observation(0), observation(1, task="push it left")])
+    batch = policy.predict_action_chunk(observations)
     assert batch.shape == (2, 4, 2)
+    # the batch draws one seed per sample from the policy's stream: single calls in order draw the same seeds
     policy.reset(seed=1)
-    again = policy.predict_action_chunk([observation(0), observation(1, task="push it left")])
-    np.testing.assert_array_equal(batch, again)
+    singles = np.stack([policy.predict_action_chunk(o) for o in observations])
+    assert not np.array_equal(singles[0], singles[1])  # distinct inputs and noise: a swap would show
+    # equal up to the rounding of batched float32 matmuls: 1e-5 in model units as the pipeline tests, the
+    # normalizer's minmax over [0, 512] scales that by 256
+    np.testing.assert_allclose(batch, singles, rtol=0, atol=256 * 1e-5)
     # queues per environment: resetting one environment only refills its own queue
     policy.reset(seed=2)
     first = policy.select_action([observation(0), observation(1)])
     assert first.shape == (2, 2)
     policy.reset(envs=[1])
     assert len(policy._queues[0]) == 1 and 1 not in policy._queues
+
+
+def test_concurrent_infer_calls_equal_the_same_calls_one_after_another(policy, monkeypatch):
+    """`serve-policy --max-concurrency N` runs `infer` on N threads against one pipeline: one scheduler (whose
+    `set_timesteps` / `step` keep per-request state), one generator stream. Calls must not corrupt each other."""
+    n, obs = 3, observation(4)
+    policy.reset(seed=7)
+    expected = [policy.infer(obs)["actions"] for _ in range(n)]
+
+    # Make the denoising loops overlap for sure: each thread's first scheduler step waits for the others to reach
+    # theirs. Calls that exclude each other never meet there; the wait then times out once and the rest go on.
+    met, local, step = threading.Barrier(n), threading.local(), UniPCMultistepScheduler.step
+
+    def rendezvous_step(self, *args, **kwargs):
+        if not getattr(local, "met", False):
+            local.met = True
+            with contextlib.suppress(threading.BrokenBarrierError):
+                met.wait(timeout=2.0)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(UniPCMultistepScheduler, "step", rendezvous_step)
+    policy.reset(seed=7)
+    start = threading.Barrier(n)
+
+    def call(_):
+        start.wait()
+        return policy.infer(obs)["actions"]
+
+    with ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(call, i) for i in range(n)]
+    errors = [repr(f.exception()) for f in futures if f.exception() is not None]
+    assert not errors, f"concurrent calls failed: {errors}"
+    got = [f.result() for f in futures]
+    # which call draws which seed of the stream depends on the order the threads take turns: compare as multisets
+    assert sorted(a.tobytes() for a in got) == sorted(a.tobytes() for a in expected), (
+        f"concurrent calls gave {[a[0].tolist() for a in got]}, one after another {[a[0].tolist() for a in expected]}")
 
 
 def test_openpi_style_observations_and_infer(policy):

@@ -7,11 +7,9 @@ from PIL import Image
 
 from cosmos3.tokenizers.vision import (
     Cosmos3VisionTokenizer,
-    patchify,
     postprocess_video,
     preprocess_image,
     preprocess_video,
-    unpatchify,
 )
 
 
@@ -98,14 +96,6 @@ def test_video_preprocessing_equals_reference(reference_pipeline):
     ours = preprocess_video(frames, 32, 48)
     assert torch.equal(ours, reference_pipeline.video_processor.preprocess_video(frames, height=32, width=48))
     assert ours.shape == (1, 3, 5, 32, 48)
-
-
-@pytest.mark.parametrize("shape", [(8, 3, 4, 6), (8, 2, 3, 5), (4, 1, 1, 1)])
-def test_patchify_round_trip(shape):
-    latent = torch.randn(shape)
-    patches = patchify(latent)
-    assert patches.shape == (shape[1] * -(-shape[2] // 2) * -(-shape[3] // 2), 4 * shape[0])
-    assert torch.equal(unpatchify(patches, shape), latent)
 
 
 def test_postprocess_to_uint8():

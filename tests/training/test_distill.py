@@ -8,10 +8,11 @@ import torch
 from diffusers import UniPCMultistepScheduler
 
 from cosmos3 import Cosmos3TextToImagePipeline, Cosmos3Transformer
+from cosmos3.conditioning import Cosmos3Request
 from cosmos3.testing import make_tiny_vae, randomize_
 from cosmos3.tokenizers.text import build_tiny_tokenizer
 from cosmos3.training import Example, TrainConfig, Trainer
-from cosmos3.training.distill import DistillConfig, Distiller, DistillPrompt, export_student, pipeline_prompts
+from cosmos3.training.distill import DistillConfig, Distiller, export_student, pipeline_prompts
 
 HEIGHT, WIDTH = 32, 32  # one 2x2 latent patch: 32 numbers per sample
 PROMPTS = ["a red car", "waves on a beach at dusk"]
@@ -147,10 +148,10 @@ def model(seed=0):
 
 
 def dataset():
-    return [DistillPrompt([1, 2, 3, 4], [5, 6], (8, 1, 2, 4), fps=24.0),
-            DistillPrompt([7, 8, 9], [5, 6], (8, 2, 2, 2), fps=16.0),
-            DistillPrompt([10, 11], [5, 6], (8, 2, 2, 2), fps=16.0, vision_condition_frames=(0,),
-                          condition=torch.randn(8, 2, 2, 2, generator=gen(3)))]
+    return [Cosmos3Request([1, 2, 3, 4], negative_ids=[5, 6], vision_shape=(8, 1, 2, 4), fps=24.0),
+            Cosmos3Request([7, 8, 9], negative_ids=[5, 6], vision_shape=(8, 2, 2, 2), fps=16.0),
+            Cosmos3Request([10, 11], negative_ids=[5, 6], fps=16.0, vision_condition_frames=(0,),
+                           vision=torch.randn(8, 2, 2, 2, generator=gen(3)))]
 
 
 def config(tmp_path, **kw):
@@ -201,8 +202,8 @@ def test_conditioning_frames_stay_clean(tmp_path):
     distiller.train()
     prompt = dataset()[2]
     out = distiller.sample([prompt], gen(0))[0]
-    assert torch.equal(out[:, 0], prompt.condition[:, 0])
-    assert not torch.equal(out[:, 1], prompt.condition[:, 1])
+    assert torch.equal(out[:, 0], prompt.vision[:, 0])
+    assert not torch.equal(out[:, 1], prompt.vision[:, 1])
 
 
 def test_resume_continues_exactly(tmp_path):

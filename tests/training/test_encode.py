@@ -13,7 +13,6 @@ from PIL import Image
 
 from cosmos3 import Cosmos3Transformer
 from cosmos3.io import write_image, write_video
-from cosmos3.models.layout import Cosmos3Sample
 from cosmos3.pipelines import (
     ActionRequest,
     Cosmos3ImageToVideoPipeline,
@@ -116,12 +115,7 @@ def capture(pipeline_class, parts, *args, **kwargs):
 
 def trainer_layout(model, example):
     """The layout the trainer builds for `example` (as `Trainer.loss` does)."""
-    return model.build_layout([Cosmos3Sample(
-        text_ids=list(example.text_ids), vision_shape=tuple(example.vision.shape[1:]), fps=example.fps,
-        vision_condition_frames=example.vision_condition_frames,
-        action_length=0 if example.action is None else example.action.shape[0],
-        action_condition_frames=example.action_condition, action_domain_id=example.action_domain_id,
-    )])
+    return model.build_layout([example.to_sample()])
 
 
 def assert_same_conditioning(example, seen, model):
@@ -140,11 +134,11 @@ def assert_same_conditioning(example, seen, model):
         torch.testing.assert_close(example.vision[:, clean], seen["vision"][0][:, clean], rtol=0, atol=1e-6)
     if example.action is not None:
         assert sample.action_length == example.action.shape[0]
-        assert example.action_condition == tuple(sample.action_condition_frames)
+        assert example.action_condition_frames == tuple(sample.action_condition_frames)
         assert example.action_domain_id == sample.action_domain_id
         raw = example.raw_action_dim
         assert seen["action"][0][:, raw:].abs().max() == 0 and example.action[:, raw:].abs().max() == 0
-        given = list(example.action_condition)
+        given = list(example.action_condition_frames)
         if given:
             torch.testing.assert_close(example.action[given], seen["action"][0][given], rtol=0, atol=1e-6)
 
@@ -243,7 +237,7 @@ def test_world_action_modes_match_the_pipeline(parts, world, lerobot, normalizer
     assert example.action_domain_id == 7
     torch.testing.assert_close(example.action[:, :10], actions, rtol=0, atol=0)
     assert example.vision_condition_frames == ((0, 1) if mode == "inverse_dynamics" else (0,))
-    assert example.action_condition == (tuple(range(CHUNK)) if mode == "forward_dynamics" else ())
+    assert example.action_condition_frames == (tuple(range(CHUNK)) if mode == "forward_dynamics" else ())
 
 
 def test_world_action_latents_are_the_whole_clip_on_the_pipeline_canvas(world):
@@ -265,7 +259,8 @@ def test_mixed_modes_are_seeded_per_sample(world, lerobot):
     example, single = enc(lerobot[1]), world.example(enc.mode_of(lerobot[1]), 1)
     assert example.text_ids == single.text_ids and torch.equal(example.vision, single.vision)
     assert example.vision_condition_frames == single.vision_condition_frames
-    assert example.action_condition == single.action_condition and torch.equal(example.action, single.action)
+    assert example.action_condition_frames == single.action_condition_frames
+    assert torch.equal(example.action, single.action)
 
 
 def test_normalizer_from_stats_equals_fitting_the_actions(lerobot_root, normalizer):
@@ -290,7 +285,7 @@ def test_loader_workers_yield_examples_the_trainer_steps_on(tmp_path, tiny_token
     assert len(robot) == 4
     ex, again = robot[1], world.example(enc.mode_of(lerobot[1]), 1)  # workers computed what this process does
     assert ex.text_ids == again.text_ids and torch.equal(ex.vision, again.vision)
-    assert torch.equal(ex.action, again.action) and ex.action_condition == again.action_condition
+    assert torch.equal(ex.action, again.action) and ex.action_condition_frames == again.action_condition_frames
 
     folder = FolderDataset(folder_root, isolated=False)
     t2v = ExampleEncoder(vae, tiny_tokenizer, task="t2v", height=32, width=48, num_frames=9)
@@ -338,12 +333,13 @@ def test_pickled_encoder_encodes_the_same(world, lerobot):
     "kwargs,error,match",
     [
         (dict(task="t2x", height=32, width=32), ValueError, r"`task` must be one of \['t2i', 't2v', 'i2v'"),
-        (dict(task="t2v", height=32, width=32, num_frames=8), ValueError, r"`num_frames` must be an int 1 \+ 4k"),
-        (dict(task="t2v", height=32, width=32), ValueError, r"`num_frames` must be an int 1 \+ 4k"),
+        (dict(task="t2v", height=32, width=32, num_frames=8), ValueError, r"`num_frames` must be 1 \+ 4k, got 8"),
+        (dict(task="t2v", height=32, width=32), ValueError, r"`num_frames` must be a positive int, got None"),
         (dict(task="t2i", height=32, width=32, num_frames=5), ValueError, "must be 1 for task 't2i'"),
         (dict(task="i2v", height=32, width=32, num_frames=1), ValueError, "must be > 1 for task 'i2v'"),
-        (dict(task="t2v", height=40, width=32, num_frames=5), ValueError, "`height` must be a positive multiple of 16"),
-        (dict(task="t2i", height=32), ValueError, "`width` must be a positive multiple of 16"),
+        (dict(task="t2v", height=40, width=32, num_frames=5), ValueError,
+         r"`height` must be a multiple of 16, got 40 \(nearest: 32, 48\)"),
+        (dict(task="t2i", height=32), ValueError, "`width` must be a multiple of 16, got None"),
         (dict(task="policy", num_frames=9), ValueError, "needs `embodiment`"),
         (dict(task="policy", num_frames=9, embodiment="robot9000"), ValueError, "Unknown action `domain_name`"),
         (dict(task="policy", num_frames=9, embodiment="libero"), ValueError, "no fixed action width"),

@@ -53,7 +53,7 @@ class HoldPipe:
         self.vae = make_tiny_vae().eval()
 
     def __call__(self, prompts, requests, fps, num_inference_steps, guidance_scale, output_type, generator):
-        from cosmos3.pipelines.world_action import action_canvas
+        from cosmos3.conditioning import action_canvas
 
         frames = []
         for request in requests:
