@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="folder for eval_info.json and videos")
     r.add_argument("--device", default=None)
     r.add_argument("--cuda-graphs", action="store_true", help="replay each denoising step from a CUDA graph (GPU)")
-    from .robotics.collect import _env_option_arg, _image_size_arg
+    from .training.collect import _env_option_arg, _image_size_arg
 
     r.add_argument("--image-size", type=_image_size_arg, default=None,
                    help="camera SIZE or HEIGHTxWIDTH (render as the training data was)")
@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="serve the browser demo on 127.0.0.1 (needs the `demo` extra)")
     add_demo_arguments(dm)
     c = sub.add_parser("collect", help="record successful scripted-expert episodes as a LeRobotDataset v3")
-    from .robotics.collect import add_collect_arguments
+    from .training.collect import add_collect_arguments
 
     add_collect_arguments(c)
     try:
@@ -171,13 +171,12 @@ def generate(args: argparse.Namespace) -> dict:
                 actions = torch.tensor(json.load(f), dtype=torch.float32)
         except (OSError, ValueError, TypeError) as e:
             _fail(f"--actions {args.actions!r} is not a JSON [T, D] list of numbers: {e}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .conditioning import resolve_device
+
     try:
-        device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("CUDA is not available here")
-    except RuntimeError as e:
-        _fail(f"--device {args.device!r}: {e}")
+        device = resolve_device(args.device, name="--device")
+    except ValueError as e:
+        _fail(str(e))
     from .models.attention import resolve_backend
 
     try:
@@ -294,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
             except ImportError as e:  # gradio missing: the message says `pip install 'cosmos3[demo]'`
                 _fail(str(e))
         elif args.command == "collect":
-            from .robotics.collect import run_collect
+            from .training.collect import run_collect
 
             print(json.dumps(run_collect(args), default=str))
         elif args.command == "serve-policy":

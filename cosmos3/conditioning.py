@@ -75,6 +75,20 @@ def check_video_size(num_frames, height, width, *, temporal_factor: int = 4, spa
     check_num_frames(num_frames, temporal_factor)
 
 
+def resolve_device(device: str | torch.device | None, name: str = "device") -> torch.device:
+    """The device a request runs on: `device`, or CUDA when there is one; a CUDA device on a machine without CUDA is
+    refused here, before anything loads, rather than deep in the first kernel."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"`{name}` {device!r} is not a torch device: {e}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`{name}` {device!r}: CUDA is not available here (use 'cpu').")
+    return resolved
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # World-action canvases and modes
 # ---------------------------------------------------------------------------------------------------------------
@@ -347,5 +361,6 @@ __all__ = [
     "guide",
     "keep_clean",
     "renoise",
+    "resolve_device",
     "tile_cameras",
 ]

@@ -199,17 +199,9 @@ def _image(value: Any, limit: int) -> Image.Image:
 
 
 def _resolve_device(device: str | None) -> str:
-    import torch
+    from ..conditioning import resolve_device
 
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"--device {device!r} is not a torch device: {e}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r}: CUDA is not available here (use --device cpu).")
-    return str(resolved)
+    return str(resolve_device(device, name="--device"))
 
 
 def _text_unavailable(transformer, tokenizer) -> str | None:

@@ -20,12 +20,14 @@ from __future__ import annotations
 import collections
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..conditioning import tile_cameras
 from ..io import atomic_write_json
 from ..tokenizers.action import EMBODIMENT_TO_DOMAIN_ID, EMBODIMENT_TO_RAW_ACTION_DIM, ActionNormalizer
 from ..tokenizers.text import ACTION_VIEWPOINTS
@@ -102,8 +104,6 @@ class PolicyConfig:
 def tile_frames(observation: dict, cameras: list[str] | None) -> np.ndarray:
     """The observation's camera frames side by side (left to right in `cameras` order; None: the observation's
     order), one uint8 `[H, W, 3]`, tiled exactly as `ExampleEncoder` tiles training clips."""
-    from ..training.encode import tile_cameras
-
     images = {k: v for k, v in observation.items() if k.startswith(IMAGE_PREFIX)}
     if not images:
         raise ValueError(f"The observation has no camera frames (keys starting with {IMAGE_PREFIX!r}); it has "
@@ -158,6 +158,9 @@ class Cosmos3Policy:
         config: the `PolicyConfig`.
         normalizer: maps model actions back to environment units (None: the model's actions as they are).
         seed: seeds the sampler's generator; successive chunks draw fresh noise from it (`reset(seed)` reseeds).
+
+    Thread-safe (`cosmos3 serve-policy --max-concurrency N` calls `infer` from N threads): model calls take turns,
+    since the pipeline's scheduler, VAE feature cache and captured CUDA graph hold per-call state.
     """
 
     def __init__(self, pipeline, config: PolicyConfig, normalizer: ActionNormalizer | None = None, seed: int = 0):
@@ -170,6 +173,8 @@ class Cosmos3Policy:
         self.pipeline, self.config, self.normalizer = pipeline, config, normalizer
         self.pipeline.set_progress_bar_config(disable=True)
         self._seed = seed
+        # reentrant: select_action holds it across its queue check, the chunk it predicts and the pops
+        self._lock = threading.RLock()
         self.reset(seed)
 
     @classmethod
@@ -203,14 +208,15 @@ class Cosmos3Policy:
     def reset(self, seed: int | None = None, envs: list[int] | None = None) -> None:
         """Clear the action queues (call at each episode start); optionally reseed the sampler. `envs`: clear only
         these environments' queues (batched rollouts, where episodes end at different steps); no reseeding then."""
-        if envs is not None:
-            for i in envs:
-                self._queues.pop(i, None)
-            return
-        if seed is not None:
-            self._seed = seed
-        self._generator = torch.Generator().manual_seed(self._seed)
-        self._queues: dict[int, collections.deque] = {}
+        with self._lock:
+            if envs is not None:
+                for i in envs:
+                    self._queues.pop(i, None)
+                return
+            if seed is not None:
+                self._seed = seed
+            self._generator = torch.Generator().manual_seed(self._seed)
+            self._queues: dict[int, collections.deque] = {}
 
     # ---------------------------------------------------------------------------------------------------- chunks
 
@@ -238,10 +244,11 @@ class Cosmos3Policy:
                                           view_point=view, action_dim=width))
             prompts.append(obs["task"].strip())
         # one generator per sample, drawn from the policy's stream: reproducible per episode seed, fresh per chunk
-        seeds = torch.randint(0, 2**62, (len(requests),), generator=self._generator).tolist()
-        out = self.pipeline(prompts, requests, fps=c.fps, num_inference_steps=c.num_inference_steps,
-                            guidance_scale=c.guidance_scale, output_type="latent",
-                            generator=[torch.Generator().manual_seed(s) for s in seeds])
+        with self._lock:
+            seeds = torch.randint(0, 2**62, (len(requests),), generator=self._generator).tolist()
+            out = self.pipeline(prompts, requests, fps=c.fps, num_inference_steps=c.num_inference_steps,
+                                guidance_scale=c.guidance_scale, output_type="latent",
+                                generator=[torch.Generator().manual_seed(s) for s in seeds])
         chunks = []
         for action in out.action:
             action = action.float().cpu()
@@ -259,12 +266,13 @@ class Cosmos3Policy:
         ids = list(range(len(observations))) if env_ids is None else list(env_ids)
         if len(ids) != len(observations) or len(set(ids)) != len(ids):
             raise ValueError(f"`env_ids` must be {len(observations)} distinct ids, got {env_ids!r}.")
-        empty = [k for k, i in enumerate(ids) if not self._queues.get(i)]
-        if empty:
-            chunks = self.predict_action_chunk([observations[k] for k in empty])
-            for k, chunk in zip(empty, chunks):
-                self._queues[ids[k]] = collections.deque(chunk[: self.config.n_action_steps])
-        actions = [self._queues[i].popleft() for i in ids]
+        with self._lock:
+            empty = [k for k, i in enumerate(ids) if not self._queues.get(i)]
+            if empty:
+                chunks = self.predict_action_chunk([observations[k] for k in empty])
+                for k, chunk in zip(empty, chunks):
+                    self._queues[ids[k]] = collections.deque(chunk[: self.config.n_action_steps])
+            actions = [self._queues[i].popleft() for i in ids]
         return actions[0] if single else np.stack(actions)
 
     def infer(self, observation: dict) -> dict:

@@ -50,7 +50,7 @@ class ExpertPolicy:
         self._experts: list = []
 
     def bind(self, envs: list) -> None:
-        from .collect import make_expert
+        from .experts import make_expert
 
         self._experts = [make_expert(env, self.expert) for env in envs]
 

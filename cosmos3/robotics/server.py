@@ -34,7 +34,9 @@ error): errors are answered and the connection stays open, the server stays up.
 * Concurrency: at most ``max_concurrency`` ``policy.infer`` calls run at once, each in a worker thread, so the event
   loop keeps serving health checks, handshakes and other connections. Each connection handles its requests in
   order. A request that finds every slot taken waits (FIFO) for at most ``queue_timeout_s``; at most
-  ``max_pending`` requests wait at once, one more is answered ``ServerBusy`` at once.
+  ``max_pending`` requests wait at once, one more is answered ``ServerBusy`` at once. With ``max_concurrency``
+  above 1 the policy's ``infer`` must be thread-safe: ``Cosmos3Policy``'s is, its model calls take turns on one
+  pipeline (so extra slots overlap only decoding, encoding and queueing, not the model).
 * Timeouts: an inference running longer than ``inference_timeout_s`` is answered ``TimeoutError`` and the
   connection stays usable. A Python thread can't be killed, so the late call keeps its slot until it returns
   (the bound on concurrent inferences holds, e.g. for GPU memory); its result is dropped. A connection that sends
@@ -543,7 +545,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the unauthenticated server)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free)")
-    parser.add_argument("--max-concurrency", type=int, default=1, help="inferences running at once (default 1)")
+    parser.add_argument("--max-concurrency", type=int, default=1,
+                        help="inferences running at once (default 1); a Cosmos 3 policy still runs its model calls "
+                             "one at a time, and the wait for the model counts towards --timeout")
     parser.add_argument("--max-pending", type=int, default=DEFAULT_MAX_PENDING,
                         help=f"requests waiting for a slot before new ones get a busy error "
                              f"(default {DEFAULT_MAX_PENDING})")

@@ -466,4 +466,4 @@ class ExampleEncoder:
         return str(sample.get("path", "sample"))
 
 
-__all__ = ["TASKS", "ExampleEncoder", "UnusableSampleError", "normalizer_from_stats", "tile_cameras"]
+__all__ = ["TASKS", "ExampleEncoder", "UnusableSampleError", "normalizer_from_stats"]

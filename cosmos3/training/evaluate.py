@@ -91,11 +91,10 @@ def forward_dynamics_psnr(pipe, normalizer, data_root: str | os.PathLike, *, num
     model did not train on). `normalizer` is the run's `ActionNormalizer` (`action_normalizer.json`)."""
     from PIL import Image
 
+    from ..conditioning import action_canvas, tile_cameras
     from ..pipelines import ActionRequest
-    from ..conditioning import action_canvas
     from ..tokenizers.vision import Cosmos3VisionTokenizer, postprocess_video
     from .datasets import LeRobotDataset
-    from .encode import tile_cameras
 
     data = LeRobotDataset(data_root, clip_frames=num_frames, stride=10**9, state_key=None)  # one clip per episode
     indices = list(range(min(len(data), max_clips)))

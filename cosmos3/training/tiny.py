@@ -196,8 +196,8 @@ def _first_frames(root: str, scratch: str) -> list[dict[str, str]]:
     """The first frame of the first episode of each task of a LeRobot dataset, as PNGs in `scratch`."""
     from PIL import Image
 
+    from ..conditioning import tile_cameras
     from .datasets import LeRobotDataset
-    from .encode import tile_cameras
 
     data = LeRobotDataset(root, clip_frames=1, stride=10**9, action_key=None, state_key=None)
     out, seen = [], set()

@@ -279,7 +279,7 @@ def test_metaworld_gripper_sign(metaworld):
 
 
 def test_metaworld_expert_succeeds_and_terminates(metaworld):
-    from cosmos3.robotics.collect import scripted_expert
+    from cosmos3.robotics.experts import scripted_expert
 
     expert = scripted_expert(metaworld)
     obs = metaworld.reset(seed=0)

@@ -12,6 +12,7 @@ from diffusers import UniPCMultistepScheduler
 from PIL import Image
 
 from cosmos3 import Cosmos3Transformer
+from cosmos3.conditioning import tile_cameras
 from cosmos3.io import write_image, write_video
 from cosmos3.pipelines import (
     ActionRequest,
@@ -25,7 +26,7 @@ from cosmos3.tokenizers.action import ActionNormalizer
 from cosmos3.tokenizers.vision import Cosmos3VisionTokenizer, preprocess_image
 from cosmos3.training import TrainConfig, Trainer
 from cosmos3.training.datasets import DataLoaderWithSkips, FolderDataset, LeRobotDataset, LeRobotDatasetWriter
-from cosmos3.training.encode import ExampleEncoder, UnusableSampleError, normalizer_from_stats, tile_cameras
+from cosmos3.training.encode import ExampleEncoder, UnusableSampleError, normalizer_from_stats
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader forks after the tokenizer was used
 

@@ -66,8 +66,8 @@ class HoldPipe:
 
 def test_forward_dynamics_psnr_compares_on_the_canvas(tmp_path):
     pytest.importorskip("metaworld")
-    from cosmos3.robotics.collect import collect
     from cosmos3.tokenizers.action import ActionNormalizer
+    from cosmos3.training.collect import collect
 
     root = tmp_path / "episodes"
     collect("metaworld:reach-v3", 2, root, image_size=128, progress=False, env_options={"render_quality": "fast"})

@@ -14,8 +14,8 @@ The episode seeds, the failed seeds and everything else in the returned summary 
 deterministic). Files are written atomically by `LeRobotDatasetWriter`; if collection stops early (an error,
 Ctrl-C) the episodes saved so far are finalized into a valid dataset.
 
-Experts: `"scripted"` = MetaWorld's hand-written policy of the task (`metaworld.policies.ENV_POLICY_MAP`), which
-reads the privileged 39-d state. PushT and ALOHA have no scripted expert here.
+The experts are `cosmos3.robotics.experts` (MetaWorld's scripted policies). Collection lives in `training`, above
+`robotics`: it writes the training data format (`LeRobotDatasetWriter`) by running robotics' environments and experts.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 
 from ..io import atomic_write_json
-from ..training.datasets import LeRobotDatasetWriter
-from .envs import IMAGE_PREFIX, STATE_KEY, MetaWorldEnv, RobotEnv, make_env
+from ..robotics.envs import IMAGE_PREFIX, STATE_KEY, RobotEnv, make_env
+from ..robotics.experts import EXPERTS, make_expert
+from .datasets import LeRobotDatasetWriter
 
-EXPERTS = ("scripted",)
 SUMMARY_PATH = os.path.join("meta", "collection.json")
 # Per-frame results of the step taken from the frame, as LeRobot records them.
 STEP_FEATURES = {
@@ -45,31 +45,6 @@ STEP_FEATURES = {
     "next.success": {"dtype": "bool", "shape": [1], "names": None},
     "next.done": {"dtype": "bool", "shape": [1], "names": None},
 }
-
-
-def scripted_expert(env: RobotEnv) -> Callable[[dict[str, Any]], np.ndarray]:
-    """The scripted policy of `env`'s task: `expert(obs) -> action` (MetaWorld tasks only)."""
-    if not isinstance(env, MetaWorldEnv):
-        raise ValueError(f"There is no scripted expert for {env.name!r}: only MetaWorld tasks ship one "
-                         "(use `metaworld:<task>`).")
-    from metaworld.policies import ENV_POLICY_MAP
-
-    policy = ENV_POLICY_MAP[env.task_name]()
-
-    def expert(obs: dict[str, Any]) -> np.ndarray:
-        if env.full_state is None:
-            raise RuntimeError("The expert needs an episode: reset the environment first.")
-        with warnings.catch_warnings():  # it warns whenever an action exceeds [-1, 1]; the environment clips
-            warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high")
-            return np.asarray(policy.get_action(env.full_state), dtype=np.float32)
-
-    return expert
-
-
-def make_expert(env: RobotEnv, expert: str) -> Callable[[dict[str, Any]], np.ndarray]:
-    if expert not in EXPERTS:
-        raise ValueError(f"`expert` must be one of {list(EXPERTS)}, got {expert!r}.")
-    return scripted_expert(env)
 
 
 def run_episode(
@@ -287,7 +262,7 @@ def run_collect(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m cosmos3.robotics.collect ...`: prints the summary as JSON; exit status 1 if incomplete."""
+    """`python -m cosmos3.training.collect ...`: prints the summary as JSON; exit status 1 if incomplete."""
     parser = add_collect_arguments(argparse.ArgumentParser(prog="cosmos3 collect", description=__doc__,
                                                            formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)

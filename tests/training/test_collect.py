@@ -11,7 +11,7 @@ pytest.importorskip("metaworld")
 pytest.importorskip("pyarrow")
 pytest.importorskip("av")
 
-from cosmos3.robotics.collect import add_collect_arguments, collect, main  # noqa: E402
+from cosmos3.training.collect import add_collect_arguments, collect, main  # noqa: E402
 from cosmos3.training.datasets import LeRobotDataset  # noqa: E402
 
 FAST = {"render_quality": "fast"}
