@@ -41,38 +41,21 @@ from torch import Tensor
 from . import flow
 from .models.layout import Cosmos3Sample
 from .tokenizers.text import ACTION_MODES
-from .tokenizers.vision import Cosmos3VisionTokenizer, preprocess_video
+from .tokenizers.vision import (
+    Cosmos3VisionTokenizer,
+    check_multiple,
+    check_num_frames,
+    check_video_size,
+    preprocess_video,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
-# Size rules
+# Size and device rules (the VAE's size rules live with the VAE, `cosmos3.tokenizers.vision`)
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def check_num_frames(num_frames, temporal_factor: int = 4) -> None:
-    """Refuse a frame count the causal VAE would cut: `1 + tf*k` (the first frame alone, then groups of `tf`)."""
-    if not _is_int(num_frames) or num_frames < 1:
-        raise ValueError(f"`num_frames` must be a positive int, got {num_frames!r}.")
-    tf = temporal_factor
-    if (num_frames - 1) % tf:
-        lower = (num_frames - 1) // tf * tf + 1
-        raise ValueError(f"`num_frames` must be 1 + {tf}k, got {num_frames} (nearest: {lower}, {lower + tf}).")
-
-
-def check_video_size(num_frames, height, width, *, temporal_factor: int = 4, spatial_factor: int = 16) -> None:
-    """Refuse a pixel size the VAE would round: frames `1 + tf*k`, height and width multiples of `spatial_factor`
-    (the nearest valid values are named, never picked silently)."""
-    if not _is_int(num_frames) or num_frames < 1:
-        raise ValueError(f"`num_frames` must be a positive int, got {num_frames!r}.")
-    sf = spatial_factor
-    for name, value in (("height", height), ("width", width)):
-        if not _is_int(value) or value < sf or value % sf:
-            lower = max(sf, (value // sf) * sf) if _is_int(value) else sf
-            raise ValueError(f"`{name}` must be a multiple of {sf}, got {value!r} (nearest: {lower}, {lower + sf}).")
-    check_num_frames(num_frames, temporal_factor)
 
 
 def resolve_device(device: str | torch.device | None, name: str = "device") -> torch.device:
@@ -355,6 +338,7 @@ __all__ = [
     "Cosmos3Request",
     "action_canvas",
     "action_mode_conditioning",
+    "check_multiple",
     "check_num_frames",
     "check_video_size",
     "encode_conditioning",

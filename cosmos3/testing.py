@@ -54,6 +54,36 @@ def make_tiny_avae(seed: int = 0):
     ).eval()
 
 
+def tiny_scheduler():
+    """The reference's scheduler (UniPC on flow sigmas, shift 3), as every tiny test pipeline uses it."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+
+
+def tiny_parts(text_tokenizer, *, seed: int = 1, std: float = 0.1, sound: bool = False, vae=None,
+               **config) -> dict:
+    """The components of a tiny random pipeline (the keyword arguments of any Cosmos 3 pipeline): a `tiny` preset
+    transformer sized to `text_tokenizer` (`config` overrides the preset), the tiny VAE, the scheduler, and with
+    `sound` the tiny AVAE."""
+    model = randomize_(Cosmos3Transformer.from_preset("tiny", vocab_size=len(text_tokenizer), **config), seed=seed,
+                       std=std).eval()
+    parts = dict(transformer=model, text_tokenizer=text_tokenizer, vae=make_tiny_vae() if vae is None else vae,
+                 scheduler=tiny_scheduler())
+    if sound:
+        parts["sound_tokenizer"] = make_tiny_avae()
+    return parts
+
+
+def save_tiny_pipeline(folder, text_tokenizer, *, pipeline_class=None, **options) -> str:
+    """Save a tiny random pipeline folder in the reference layout (default: the world-action pipeline, whose
+    folder every task loads); `options` as `tiny_parts`. Returns the folder."""
+    if pipeline_class is None:
+        from .pipelines import Cosmos3WorldActionPipeline as pipeline_class
+    pipeline_class(**tiny_parts(text_tokenizer, **options)).save_pretrained(str(folder))
+    return str(folder)
+
+
 def reference_transformer(model: Cosmos3Transformer, share_weights: bool = False):
     """A `diffusers.Cosmos3OmniTransformer` with the same config and weights (loaded strictly).
 

@@ -262,7 +262,7 @@ class DemoApp:
 
         # One load; every task pipeline is built from the same component objects (one transformer in memory). Each
         # gets its own scheduler copy: schedulers keep per-call state (timesteps, step index).
-        base = Cosmos3TextToImagePipeline.from_pretrained(self.model_folder, torch_dtype=dtype).to(self.device)
+        base = Cosmos3TextToImagePipeline.from_pretrained(self.model_folder, dtype=dtype).to(self.device)
         base.set_progress_bar_config(disable=True)
         components = dict(base.components)
         flags = {k: base.config[k] for k in ("default_use_system_prompt", "use_native_flow_schedule",
@@ -344,10 +344,13 @@ class DemoApp:
     def _size(self, height: Any, width: Any) -> tuple[int, int]:
         side = self.limits.max_side // 16 * 16
         height, width = _int_in("Height", height, 16, side), _int_in("Width", width, 16, side)
-        for name, value in (("Height", height), ("Width", width)):
-            if value % 16:
-                low = value // 16 * 16
-                raise _refuse(f"{name} must be a multiple of 16, got {value} (nearest: {max(low, 16)}, {low + 16}).")
+        from ..conditioning import check_multiple
+
+        try:
+            check_multiple(height, name="Height")
+            check_multiple(width, name="Width")
+        except ValueError as e:
+            raise _refuse(str(e)) from None
         if height * width > self.limits.max_pixels:
             raise _refuse(f"{height}x{width} is {height * width} pixels; the limit is {self.limits.max_pixels}.")
         return height, width
@@ -399,10 +402,12 @@ class DemoApp:
         prompt = self._prompt(prompt)
         negative = self._prompt(negative_prompt, "Negative prompt", required=False)
         frames = _int_in("Frames", frames, 5, self.limits.max_frames)
-        tf = self.temporal_factor
-        if (frames - 1) % tf:
-            low = (frames - 1) // tf * tf + 1
-            raise _refuse(f"Frames must be 1 + {tf}k, got {frames} (nearest: {low}, {low + tf}).")
+        from ..conditioning import check_num_frames
+
+        try:
+            check_num_frames(frames, self.temporal_factor, name="Frames")
+        except ValueError as e:
+            raise _refuse(str(e)) from None
         steps, guidance, seed = self._steps(steps), self._guidance(guidance), self._seed(seed)
         height, width = self._size(height, width)
         fps = _float_in("FPS", fps, 0.0, self.limits.max_fps, low_open=True)

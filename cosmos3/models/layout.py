@@ -21,6 +21,7 @@ temporal origin so the three are aligned in time.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -243,20 +244,15 @@ class Cosmos3Layout:
             # The generated modalities start after the text, past a fixed margin, all at the same time origin.
             media_offset = L + config.unified_3d_mrope_temporal_modality_margin
             fps = s.fps if modulate else None
+            # every stream's ids share the time origin, the base rate and the spatial-id rule
+            positions = functools.partial(grid_position_ids, temporal_offset=media_offset,
+                                          base_fps=float(config.base_fps),
+                                          reset_spatial_ids=config.unified_3d_mrope_reset_spatial_ids)
             grid = (t, -(-h // p), -(-w // p))
             vision_grids.append(grid)
             n_vision = grid[0] * grid[1] * grid[2]
             per_frame = grid[1] * grid[2]
-            gen_pos.append(
-                grid_position_ids(
-                    grid,
-                    media_offset,
-                    fps=fps,
-                    base_fps=float(config.base_fps),
-                    temporal_compression=temporal_compression,
-                    reset_spatial_ids=config.unified_3d_mrope_reset_spatial_ids,
-                )
-            )
+            gen_pos.append(positions(grid, fps=fps, temporal_compression=temporal_compression))
             vision_index.append(torch.arange(n_vision) + gen_offset)
             noisy_frames = [f for f in range(t) if f not in vision_cond]
             vision_noisy_frames.append(noisy_frames)
@@ -265,32 +261,13 @@ class Cosmos3Layout:
             cursor = gen_offset + n_vision
             if s.sound_length:
                 sound_fps = float(config.sound_latent_fps) if modulate else None
-                gen_pos.append(
-                    grid_position_ids(
-                        (s.sound_length, 1, 1),
-                        media_offset,
-                        fps=sound_fps,
-                        base_fps=float(config.base_fps),
-                        temporal_compression=1,
-                        reset_spatial_ids=config.unified_3d_mrope_reset_spatial_ids,
-                    )
-                )
+                gen_pos.append(positions((s.sound_length, 1, 1), fps=sound_fps, temporal_compression=1))
                 sound_index.append(torch.arange(s.sound_length) + cursor)
                 cursor += s.sound_length
             if s.action_length:
                 # An action is the transition into frame f+1, hence the one-frame start offset.
-                gen_pos.append(
-                    grid_position_ids(
-                        (s.action_length, 1, 1),
-                        media_offset,
-                        fps=fps,
-                        base_fps=float(config.base_fps),
-                        temporal_compression=1,
-                        base_temporal_compression=temporal_compression,
-                        start_frame_offset=1,
-                        reset_spatial_ids=config.unified_3d_mrope_reset_spatial_ids,
-                    )
-                )
+                gen_pos.append(positions((s.action_length, 1, 1), fps=fps, temporal_compression=1,
+                                         base_temporal_compression=temporal_compression, start_frame_offset=1))
                 tokens = torch.arange(s.action_length) + cursor
                 noisy_tokens = [i for i in range(s.action_length) if i not in action_cond]
                 action_index.append(tokens)

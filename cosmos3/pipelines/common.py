@@ -101,6 +101,18 @@ class Cosmos3PipelineOutput(BaseOutput):
         cio.write_video(path, frames, fps, audio=audio, sample_rate=rate)
 
 
+def component_dtype(dtype, torch_dtype, component: str):
+    """The dtype diffusers' `from_pretrained` gives `component`: `dtype` (or the deprecated `torch_dtype`), a dict
+    looked up by component name, then its "default" (float32 when neither is there)."""
+    if dtype is not None and torch_dtype is not None:
+        raise ValueError("You have passed both `dtype` and `torch_dtype`. Please only pass `dtype`, "
+                         "`torch_dtype` is deprecated.")
+    dtype = torch_dtype if dtype is None else dtype
+    if isinstance(dtype, dict):
+        dtype = dtype.get(component, dtype.get("default", torch.float32))
+    return dtype
+
+
 def check_generators(generator, batch: int) -> list[torch.Generator | None]:
     if isinstance(generator, list):
         if len(generator) != batch:
@@ -171,15 +183,8 @@ class Cosmos3PipelineBase(DiffusionPipeline):
         import os
 
         if "transformer" not in kwargs:
-            # diffusers loads every other component; our transformer must get the dtype diffusers would give it:
-            # `dtype` (or the deprecated `torch_dtype`), a dict looked up by component name, then "default".
-            dtype, torch_dtype = kwargs.get("dtype"), kwargs.get("torch_dtype")
-            if dtype is not None and torch_dtype is not None:
-                raise ValueError("You have passed both `dtype` and `torch_dtype`. Please only pass `dtype`, "
-                                 "`torch_dtype` is deprecated.")
-            dtype = torch_dtype if dtype is None else dtype
-            if isinstance(dtype, dict):
-                dtype = dtype.get("transformer", dtype.get("default", torch.float32))
+            # diffusers loads every other component; our transformer must get the dtype diffusers would give it
+            dtype = component_dtype(kwargs.get("dtype"), kwargs.get("torch_dtype"), "transformer")
             sub = os.path.join(str(pretrained_model_name_or_path), "transformer")
             kwargs["transformer"] = Cosmos3Transformer.from_pretrained(sub, dtype=dtype)
         kwargs.setdefault("enable_safety_checker", False)
@@ -201,16 +206,15 @@ class Cosmos3PipelineBase(DiffusionPipeline):
         import json
         import os
 
+        from ..io import atomic_write_json
+
         super().save_pretrained(save_directory, **kwargs)
         path = os.path.join(save_directory, "model_index.json")
         with open(path) as f:
             index = json.load(f)
         index["_class_name"] = "Cosmos3OmniPipeline"
         index["transformer"] = ["diffusers", "Cosmos3OmniTransformer"]
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(index, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
+        atomic_write_json(path, index, sort_keys=True)
 
     @property
     def guidance_scale(self) -> float:

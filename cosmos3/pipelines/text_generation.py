@@ -16,6 +16,7 @@ from diffusers.utils import BaseOutput
 
 from ..models.transformer_cosmos3 import Cosmos3Transformer
 from ..tokenizers.text import load_text_tokenizer
+from .common import component_dtype
 
 UPSAMPLE_INSTRUCTION = (
     "Rewrite the following prompt as one detailed paragraph describing the scene, the subjects, their motion, the "
@@ -39,10 +40,12 @@ class Cosmos3TextGenerationPipeline(DiffusionPipeline):
         self.register_modules(transformer=transformer, text_tokenizer=text_tokenizer)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype=None, **kwargs):
-        """Read the transformer and text tokenizer of a checkpoint folder (the other components are not needed)."""
+    def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype=None, dtype=None, **kwargs):
+        """Read the transformer and text tokenizer of a checkpoint folder (the other components are not needed);
+        `dtype` / `torch_dtype` as diffusers reads them (a dict: its "transformer" or "default" entry)."""
         folder = str(pretrained_model_name_or_path)
-        transformer = Cosmos3Transformer.from_pretrained(os.path.join(folder, "transformer"), torch_dtype=torch_dtype)
+        dtype = component_dtype(dtype, torch_dtype, "transformer")
+        transformer = Cosmos3Transformer.from_pretrained(os.path.join(folder, "transformer"), dtype=dtype)
         return cls(transformer=transformer, text_tokenizer=load_text_tokenizer(folder))
 
     def _sample(self, logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator
 
 import numpy as np
@@ -24,6 +25,38 @@ from PIL import Image
 from torch import Tensor
 
 from .fast_wan import accelerate_wan_vae
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_num_frames(num_frames, temporal_factor: int = 4, *, name: str = "`num_frames`") -> None:
+    """Refuse a frame count the causal VAE would cut: `1 + tf*k` (the first frame alone, then groups of `tf`).
+    `name` is how the message calls the value (the demo says "Frames")."""
+    if not _is_int(num_frames) or num_frames < 1:
+        raise ValueError(f"{name} must be a positive int, got {num_frames!r}.")
+    tf = temporal_factor
+    if (num_frames - 1) % tf:
+        lower = (num_frames - 1) // tf * tf + 1
+        raise ValueError(f"{name} must be 1 + {tf}k, got {num_frames} (nearest: {lower}, {lower + tf}).")
+
+
+def check_multiple(value, factor: int = 16, *, name: str) -> None:
+    """Refuse a side the VAE would round: a positive multiple of `factor`, naming the nearest valid ones."""
+    if not _is_int(value) or value < factor or value % factor:
+        lower = max(factor, (value // factor) * factor) if _is_int(value) else factor
+        raise ValueError(f"{name} must be a multiple of {factor}, got {value!r} (nearest: {lower}, {lower + factor}).")
+
+
+def check_video_size(num_frames, height, width, *, temporal_factor: int = 4, spatial_factor: int = 16) -> None:
+    """Refuse a pixel size the VAE would round: frames `1 + tf*k`, height and width multiples of `spatial_factor`
+    (the nearest valid values are named, never picked silently)."""
+    if not _is_int(num_frames) or num_frames < 1:
+        raise ValueError(f"`num_frames` must be a positive int, got {num_frames!r}.")
+    check_multiple(height, spatial_factor, name="`height`")
+    check_multiple(width, spatial_factor, name="`width`")
+    check_num_frames(num_frames, temporal_factor)
 
 
 def preprocess_image(image, height: int, width: int) -> Tensor:
@@ -109,13 +142,9 @@ class Cosmos3VisionTokenizer:
         return mean.to(device).view(1, -1, 1, 1, 1), inv_std.to(device).view(1, -1, 1, 1, 1)
 
     def check_size(self, num_frames: int, height: int, width: int) -> None:
-        """Raise unless `num_frames` is `1 + 4k` and `height`/`width` are multiples of 16 (never rounds)."""
-        tf, sf = self.temporal_factor, self.spatial_factor
-        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % tf:
-            valid = ", ".join(str(1 + tf * k) for k in range(4))
-            raise ValueError(f"`num_frames` must be 1 + {tf}k ({valid}, ...), got {num_frames!r}.")
-        if height < sf or width < sf or height % sf or width % sf:
-            raise ValueError(f"`height` and `width` must be positive multiples of {sf}, got ({height}, {width}).")
+        """Raise unless `num_frames` is `1 + tf*k` and `height`/`width` are multiples of the spatial factor."""
+        check_video_size(num_frames, height, width, temporal_factor=self.temporal_factor,
+                         spatial_factor=self.spatial_factor)
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """`(C, T, H, W)` of the latents of a `num_frames x height x width` clip."""

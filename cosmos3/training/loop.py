@@ -7,7 +7,7 @@ checkpoints of weights + EMA + Adam moments, and the run from a resumed step to 
         ema_update(ema, params, decay=0.999)
 
 `save`, `resume` and `run` take the trainer itself, which has `step` (advanced by its own step function),
-`log(record)`, `state()` (the flat dict of tensors `checkpoint_state` builds), `save()` and `resume()`. What differs
+`log(record)`, `state()` (the flat dict of tensors `checkpoint_state` builds) and, for `run`, `save()`. What differs
 between the trainers (what a step computes and logs, distributed reductions, counters) stays in them.
 """
 

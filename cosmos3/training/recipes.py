@@ -193,8 +193,7 @@ def read_distill_recipe(path: str) -> Recipe:
 
 def distill(path: str) -> str:
     """Run the distillation recipe at `path`; returns the exported distilled pipeline folder."""
-    import shutil
-
+    from ..io import atomic_directory
     from ..pipelines import Cosmos3TextToVideoPipeline
     from .distill import DistillConfig, Distiller, pipeline_prompts
 
@@ -220,11 +219,9 @@ def distill(path: str) -> str:
         distiller = Distiller(teacher, prompts, config, log=log)
         distiller.train()
         out = os.path.join(config.output_dir, "pipeline")
-        fresh = out + ".new"
-        shutil.rmtree(fresh, ignore_errors=True)
-        distiller.export(pipe, fresh, ema=True)
-        shutil.rmtree(out, ignore_errors=True)  # the previous export of this run (rebuilt from the checkpoints)
-        os.replace(fresh, out)
+        # replaces the previous export of this run (rebuilt from the checkpoints) only once the new one is whole
+        with atomic_directory(out) as fresh:
+            distiller.export(pipe, fresh, ema=True)
         log({"event": "exported", "path": out, "skipped_student_steps": distiller.skipped_student_steps,
              "skipped_critic_steps": distiller.skipped_critic_steps})
     _finish()

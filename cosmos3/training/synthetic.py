@@ -299,12 +299,11 @@ def write_folder_dataset(
     Half the held-out lines are image captions, half video captions when `n_videos` > 0. Returns `out_dir`.
     """
     from .. import io as media
+    from ..tokenizers.vision import check_multiple, check_num_frames
 
     out_dir = os.path.normpath(os.fspath(out_dir))
-    if size % 16 or size < 16:
-        raise ValueError(f"`size` must be a positive multiple of 16 (the VAE's spatial factor), got {size}.")
-    if frames < 1 or (frames - 1) % 4:
-        raise ValueError(f"`frames` must be 1 + 4k (the VAE's temporal factor), got {frames}.")
+    check_multiple(size, 16, name="`size`")  # the VAE's factors
+    check_num_frames(frames, 4, name="`frames`")
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir!r} exists and is not empty; pass overwrite=True to replace it.")
     with media.atomic_directory(out_dir) as tmp:

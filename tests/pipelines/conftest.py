@@ -2,21 +2,18 @@ import copy
 
 import pytest
 import torch
-from diffusers import Cosmos3OmniPipeline, UniPCMultistepScheduler
+from diffusers import Cosmos3OmniPipeline
 
-from cosmos3 import Cosmos3Transformer
-from cosmos3.testing import make_tiny_avae, make_tiny_vae, randomize_, reference_transformer
+from cosmos3.testing import reference_transformer, tiny_parts
 
 
 @pytest.fixture
 def components(tiny_tokenizer):
     """Tiny random components, and the reference pipeline built from the same weights."""
-    model = randomize_(Cosmos3Transformer.from_preset("tiny", vocab_size=len(tiny_tokenizer)), seed=1, std=0.1).eval()
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    parts = dict(transformer=model, text_tokenizer=tiny_tokenizer, vae=make_tiny_vae(), scheduler=scheduler,
-                 sound_tokenizer=make_tiny_avae())
+    parts = tiny_parts(tiny_tokenizer, sound=True)
     reference = Cosmos3OmniPipeline(
-        **{**parts, "transformer": reference_transformer(model), "scheduler": copy.deepcopy(scheduler),
+        **{**parts, "transformer": reference_transformer(parts["transformer"]),
+           "scheduler": copy.deepcopy(parts["scheduler"]),
            "vae": copy.deepcopy(parts["vae"])},  # diffusers' own VAE: ours accelerates its copy in place
         enable_safety_checker=False,
     )

@@ -5,11 +5,11 @@ import shutil
 
 import pytest
 import torch
-from diffusers import Cosmos3OmniPipeline, UniPCMultistepScheduler
+from diffusers import Cosmos3OmniPipeline
 
 from cosmos3 import Cosmos3Transformer
 from cosmos3.pipelines import Cosmos3TextToVideoPipeline
-from cosmos3.testing import make_tiny_avae, make_tiny_vae, randomize_
+from cosmos3.testing import save_tiny_pipeline
 
 BF16, FP32 = torch.bfloat16, torch.float32
 
@@ -18,10 +18,7 @@ BF16, FP32 = torch.bfloat16, torch.float32
 def tiny_folder(tmp_path_factory, tiny_tokenizer):
     """A tiny random pipeline folder in the reference layout, saved in float32."""
     folder = tmp_path_factory.mktemp("loading") / "pipeline"
-    model = randomize_(Cosmos3Transformer.from_preset("tiny", vocab_size=len(tiny_tokenizer)), seed=1, std=0.1)
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    Cosmos3TextToVideoPipeline(transformer=model, text_tokenizer=tiny_tokenizer, vae=make_tiny_vae(),
-                               scheduler=scheduler, sound_tokenizer=make_tiny_avae()).save_pretrained(str(folder))
+    save_tiny_pipeline(folder, tiny_tokenizer, pipeline_class=Cosmos3TextToVideoPipeline, sound=True)
     return folder
 
 
@@ -60,3 +57,11 @@ def test_policy_loads_a_bfloat16_transformer(tiny_folder, tmp_path):
     policy = Cosmos3Policy.from_pretrained(str(folder), device="cpu", dtype=BF16)
     assert policy.pipeline.transformer.dtype == BF16
     assert policy.pipeline.vae.dtype == BF16
+
+
+@pytest.mark.parametrize("form", ["dtype", "dict_transformer_key", "dict_default_only", "torch_dtype"])
+def test_text_generation_reads_the_dtype_keyword_too(tiny_folder, form):
+    from cosmos3.pipelines import Cosmos3TextGenerationPipeline
+
+    kwargs, expected = DTYPE_FORMS[form]
+    assert Cosmos3TextGenerationPipeline.from_pretrained(str(tiny_folder), **kwargs).transformer.dtype == expected

@@ -70,7 +70,8 @@ def test_a_list_of_observations_is_one_batched_call_equal_to_single_calls(policy
 
 def test_concurrent_infer_calls_equal_the_same_calls_one_after_another(policy, monkeypatch):
     """`serve-policy --max-concurrency N` runs `infer` on N threads against one pipeline: one scheduler (whose
-    `set_timesteps` / `step` keep per-request state), one generator stream. Calls must not corrupt each other."""
+    `set_timesteps` / `step` keep per-request state), one VAE feature cache, one generator stream. Calls must not
+    corrupt each other."""
     n, obs = 3, observation(4)
     policy.reset(seed=7)
     expected = [policy.infer(obs)["actions"] for _ in range(n)]
@@ -91,7 +92,7 @@ def test_concurrent_infer_calls_equal_the_same_calls_one_after_another(policy, m
     start = threading.Barrier(n)
 
     def call(_):
-        start.wait()
+        start.wait(timeout=60)
         return policy.infer(obs)["actions"]
 
     with ThreadPoolExecutor(n) as pool:

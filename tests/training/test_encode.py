@@ -8,7 +8,6 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from diffusers import UniPCMultistepScheduler
 from PIL import Image
 
 from cosmos3 import Cosmos3Transformer
@@ -21,7 +20,7 @@ from cosmos3.pipelines import (
     Cosmos3TextToVideoPipeline,
     Cosmos3WorldActionPipeline,
 )
-from cosmos3.testing import make_tiny_vae, randomize_
+from cosmos3.testing import make_tiny_vae, randomize_, tiny_parts
 from cosmos3.tokenizers.action import ActionNormalizer
 from cosmos3.tokenizers.vision import Cosmos3VisionTokenizer, preprocess_image
 from cosmos3.training import TrainConfig, Trainer
@@ -84,9 +83,7 @@ def vae():
 
 @pytest.fixture
 def parts(tiny_tokenizer, vae):
-    model = randomize_(Cosmos3Transformer.from_preset("tiny", vocab_size=len(tiny_tokenizer)), seed=1, std=0.1).eval()
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    return dict(transformer=model, text_tokenizer=tiny_tokenizer, vae=vae, scheduler=scheduler)
+    return tiny_parts(tiny_tokenizer, vae=vae)
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from diffusers import UniPCMultistepScheduler
 
 from cosmos3 import Cosmos3Transformer
 from cosmos3.cli import main
-from cosmos3.pipelines import Cosmos3TextToVideoPipeline, Cosmos3WorldActionPipeline
-from cosmos3.testing import make_tiny_vae, randomize_
+from cosmos3.pipelines import Cosmos3TextToVideoPipeline
+from cosmos3.testing import save_tiny_pipeline
 from cosmos3.training.config import ConfigError
 from cosmos3.training.recipes import read_train_recipe
 
@@ -20,10 +19,7 @@ from cosmos3.training.recipes import read_train_recipe
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tiny_tokenizer):
     folder = tmp_path_factory.mktemp("base") / "pipeline"
-    model = randomize_(Cosmos3Transformer.from_preset("tiny", vocab_size=len(tiny_tokenizer)), seed=1, std=0.1)
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    Cosmos3WorldActionPipeline(transformer=model, text_tokenizer=tiny_tokenizer, vae=make_tiny_vae(),
-                               scheduler=scheduler).save_pretrained(str(folder))
+    save_tiny_pipeline(folder, tiny_tokenizer, seed=1)
     return folder
 
 
