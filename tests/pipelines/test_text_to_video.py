@@ -158,3 +158,26 @@ def test_save_writes_video_with_sound(components, tmp_path):
     assert clip.frames.shape == (9, 32, 48, 3) and clip.audio is not None and clip.sample_rate == 48000
     with pytest.raises(ValueError, match="`prompt` must not be empty"):
         pipe("", **VIDEO)
+
+
+def test_a_model_step_factory_replaces_only_how_a_step_runs_the_model(components):
+    """The seam step caching and multi-GPU steps plug into: same noise, guidance and schedule, the model call ours."""
+    parts, _ = components
+    pipe = pipeline(Cosmos3TextToVideoPipeline, parts)
+    expected = pipe("a red car", generator=gen(0), output_type="np", **VIDEO).frames
+    calls = []
+
+    def counting_factory(pipe, layout, inputs):
+        step = pipe.eager_model_step(layout, inputs)
+
+        def counted(vision, t, sound, action):
+            calls.append((vision.shape[0], float(t)))
+            return step(vision, t, sound, action)
+
+        return counted
+
+    pipe.model_step_factory = counting_factory
+    frames = pipe("a red car", generator=gen(0), output_type="np", **VIDEO).frames
+    assert np.array_equal(frames, expected)
+    assert [b for b, _ in calls] == [2] * VIDEO["num_inference_steps"]  # the sample and its negative, per step
+    assert [t for _, t in calls] == [float(t) for t in pipe.scheduler.timesteps]
