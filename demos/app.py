@@ -1,7 +1,7 @@
 """The Cosmos 3 browser demo: `python demos/app.py [--model PATH] [--host 127.0.0.1] [--port 7860] [--device cpu]`.
 
 A thin entry point: the page lives in `cosmos3.demo` (also `cosmos3 demo`), so the installed package and this
-script serve the same app. Without `--model` it runs the tiny random model shipped in the package.
+script serve the same app. Without `--model` it runs Cosmos3-Tiny, the small trained model shipped in the package.
 """
 
 from __future__ import annotations

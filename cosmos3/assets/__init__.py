@@ -9,8 +9,9 @@ _TINY_MODEL = "cosmos3-tiny"  # a folder next to this file
 
 
 def default_model_folder() -> str:
-    """The tiny random model shipped inside the package (`cosmos3/assets/cosmos3-tiny`): a demo that starts
-    without downloading anything. Real checkpoints are passed with `--model`."""
+    """Cosmos3-Tiny, the small model trained by this project and shipped inside the package
+    (`cosmos3/assets/cosmos3-tiny`): a demo that starts without downloading anything. Real checkpoints are passed
+    with `--model`."""
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), _TINY_MODEL)
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         raise FileNotFoundError(

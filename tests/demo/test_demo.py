@@ -343,6 +343,7 @@ def test_app_script_is_a_thin_entry_point(capsys):
     assert e.value.code == 0
     usage = capsys.readouterr().out
     assert all(option in usage for option in ("--model", "--host", "--port", "--device"))
+    assert "Cosmos3-Tiny" in usage and "random" not in usage  # the shipped model is trained, not random
     with pytest.raises(SystemExit) as e:  # a missing model folder is a one-line error, not a traceback
         app["main"](["--model", str(REPO / "no-such-folder")])
     assert e.value.code == 2
