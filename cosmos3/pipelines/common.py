@@ -11,7 +11,10 @@ once, in named stages (`prepare_latents`, `prepare_model`, `set_schedule`, `guid
   transformer as one batch; the text tower runs once per request (`encode_text`), each step runs only the
   generation tower. A list of generators gives each sample exactly what it would get alone.
 * Loads a published folder (`model_index.json` of `Cosmos3OmniPipeline`) with our `Cosmos3Transformer`;
-  `save_pretrained` writes a folder both this library and the reference load.
+  `save_pretrained` writes a folder both this library and the reference load (without warnings: flags the reference
+  does not take live in `modular_model_index.json`). `from_pipe` works between our pipelines and from the reference.
+* diffusers habits: `latents=` (the initial vision noise), `pipe._interrupt = True` in a callback, `variant=`,
+  `enable_vae_tiling()`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import AutoencoderKLWan, Cosmos3AVAEAudioTokenizer, DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
@@ -32,7 +35,7 @@ from torch import Tensor
 
 from ..conditioning import Cosmos3Request, check_video_size, guide, keep_clean, renoise
 from ..models.layout import Cosmos3Layout
-from ..models.transformer_cosmos3 import Cosmos3Transformer
+from ..models.transformer_cosmos3 import Cosmos3RotaryEmbedding, Cosmos3Transformer
 from ..optimize import CUDAGraphStep, offload_text_tower
 from ..tokenizers.sound import Cosmos3SoundTokenizer
 from ..tokenizers.text import PromptSettings, encode_prompts
@@ -40,6 +43,11 @@ from ..tokenizers.vision import Cosmos3VisionTokenizer
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
+
+MODULAR_INDEX_FILE = "modular_model_index.json"
+# Pipeline config keys `Cosmos3OmniPipeline.__init__` does not take: kept out of model_index.json (the reference warns
+# twice about each), in the modular index instead, where the released distilled students carry them.
+MODULAR_CONFIG_KEYS = ("distilled_sigmas",)
 
 CALL_DEFAULTS_FILE = "call_defaults.json"
 CALL_DEFAULT_KEYS = {"height": int, "width": int, "num_frames": int, "fps": float, "num_inference_steps": int,
@@ -67,6 +75,46 @@ def read_call_defaults(folder: str) -> dict:
         if value is not None:
             data[key] = kind(value)
     return data
+
+
+def read_modular_index(folder: str) -> dict:
+    """The folder's `modular_model_index.json` (where the distilled students keep `distilled_sigmas`), {} if none."""
+    import json
+    import os
+
+    path = os.path.join(folder, MODULAR_INDEX_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}.")
+    return data
+
+
+def as_our_transformer(reference) -> Cosmos3Transformer:
+    """Our `Cosmos3Transformer` on a `diffusers.Cosmos3OmniTransformer`'s own tensors (same config and state-dict
+    names, loaded strictly), without a copy: the two models share their weights, so train or quantize neither."""
+    with torch.device("meta"):
+        model = Cosmos3Transformer.from_config(reference.config)
+    model.load_state_dict(reference.state_dict(), strict=True, assign=True)
+    # the rotary tables are the only tensors outside the state dict; cheap to build where the weights are
+    cfg, device = model.config, reference.proj_in.weight.device
+    model.rotary_emb = Cosmos3RotaryEmbedding(cfg.head_dim, cfg.rope_theta, list(cfg.rope_axes_dim)).to(device)
+    leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"as_our_transformer left tensors unset: {leftover}")
+    return model.train(reference.training)
+
+
+def _adopt_reference_transformer(pipeline, kwargs: dict) -> dict:
+    """`from_pipe` kwargs with a reference pipeline's transformer as ours: diffusers would drop it (not our class)."""
+    from diffusers import Cosmos3OmniTransformer
+
+    transformer = getattr(pipeline, "transformer", None)
+    if "transformer" not in kwargs and isinstance(transformer, Cosmos3OmniTransformer):
+        kwargs = {**kwargs, "transformer": as_our_transformer(transformer)}
+    return kwargs
 
 
 @dataclass
@@ -146,13 +194,14 @@ class Cosmos3PipelineBase(DiffusionPipeline):
     model_cpu_offload_seq = "transformer->vae->sound_tokenizer"
     _callback_tensor_inputs = ["latents"]
 
+    # The model components' annotations are what diffusers' `from_pipe` carries a component over by (exact class).
     def __init__(
         self,
         transformer: Cosmos3Transformer,
         text_tokenizer,
-        vae,
+        vae: AutoencoderKLWan,
         scheduler,
-        sound_tokenizer=None,
+        sound_tokenizer: Cosmos3AVAEAudioTokenizer | None = None,
         safety_checker=None,
         enable_safety_checker: bool = False,
         default_use_system_prompt: bool = True,
@@ -179,30 +228,48 @@ class Cosmos3PipelineBase(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Load a folder in the reference layout; the transformer is always our `Cosmos3Transformer`."""
+        """Load a folder in the reference layout; the transformer is always our `Cosmos3Transformer`.
+
+        `variant="bf16"` reads `diffusion_pytorch_model.bf16.safetensors` (as `save_pretrained(variant=...)` names
+        them) for every component, ours included. Flags the reference does not take (`distilled_sigmas`) are read
+        from `modular_model_index.json` first, then from `model_index.json` where older folders kept them.
+        """
         import os
 
         if "transformer" not in kwargs:
-            # diffusers loads every other component; our transformer must get the dtype diffusers would give it
+            # diffusers loads every other component; our transformer must get the dtype and variant it would get
             dtype = component_dtype(kwargs.get("dtype"), kwargs.get("torch_dtype"), "transformer")
             sub = os.path.join(str(pretrained_model_name_or_path), "transformer")
-            kwargs["transformer"] = Cosmos3Transformer.from_pretrained(sub, dtype=dtype)
+            kwargs["transformer"] = Cosmos3Transformer.from_pretrained(sub, dtype=dtype, variant=kwargs.get("variant"))
         kwargs.setdefault("enable_safety_checker", False)
         kwargs.setdefault("safety_checker", None)
-        # Distilled (few-step) checkpoints carry their fixed schedule in `modular_model_index.json`.
-        modular = os.path.join(str(pretrained_model_name_or_path), "modular_model_index.json")
-        if "distilled_sigmas" not in kwargs and os.path.exists(modular):
-            import json
-
-            with open(modular) as f:
-                sigmas = json.load(f).get("distilled_sigmas")
-            if sigmas:
-                kwargs["distilled_sigmas"] = sigmas
+        modular = read_modular_index(str(pretrained_model_name_or_path))
+        for key in MODULAR_CONFIG_KEYS:
+            if key not in kwargs and modular.get(key):
+                kwargs[key] = modular[key]
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """diffusers' `from_pipe`: a pipeline of this class on `pipeline`'s component objects and config flags.
+
+        From any of our pipelines, and from a reference `Cosmos3OmniPipeline`, whose transformer becomes our
+        `Cosmos3Transformer` on the reference's own weight tensors (no copy). As in diffusers, the new pipeline is
+        cast to `dtype` (default float32), shared modules included: pass the pipeline's dtype to keep it.
+
+        The reverse, `Cosmos3OmniPipeline.from_pipe(ours)`, needs the transformer passed:
+        `transformer=cosmos3.testing.reference_transformer(ours.transformer, share_weights=True)`. diffusers carries
+        over a model component only when its class is exactly the one its signature names, and otherwise drops it
+        and raises that the transformer is missing; nothing on our side can change that.
+        """
+        kwargs = _adopt_reference_transformer(pipeline, kwargs)
+        return super().from_pipe(pipeline, **kwargs)
 
     def save_pretrained(self, save_directory, **kwargs):
         """Save in the reference layout: `model_index.json` names the reference classes (our transformer's weights
-        and config are the reference's), so the folder loads in `Cosmos3OmniPipeline` as well as here."""
+        and config are the reference's) and holds only flags the reference takes, so the folder loads in
+        `Cosmos3OmniPipeline` as well as here, without warnings. `distilled_sigmas` goes to
+        `modular_model_index.json` (with `is_distilled`, as the released students carry it)."""
         import json
         import os
 
@@ -214,7 +281,31 @@ class Cosmos3PipelineBase(DiffusionPipeline):
             index = json.load(f)
         index["_class_name"] = "Cosmos3OmniPipeline"
         index["transformer"] = ["diffusers", "Cosmos3OmniTransformer"]
+        moved = {key: index.pop(key, None) for key in MODULAR_CONFIG_KEYS}
         atomic_write_json(path, index, sort_keys=True)
+
+        modular_path = os.path.join(save_directory, MODULAR_INDEX_FILE)
+        modular = read_modular_index(str(save_directory))
+        # A folder saved over an older one must not keep that one's schedule.
+        modular = {k: v for k, v in modular.items() if k not in MODULAR_CONFIG_KEYS and k != "is_distilled"}
+        modular.update({k: v for k, v in moved.items() if v})
+        if moved["distilled_sigmas"]:
+            modular["is_distilled"] = True
+        if modular:
+            atomic_write_json(modular_path, modular)
+        elif os.path.exists(modular_path):
+            os.remove(modular_path)
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` (e.g. in `callback_on_step_end`) to skip the remaining steps: the call then
+        decodes the latents as they are, as diffusers pipelines do. Reset at the start of each call."""
+        return getattr(self, "_interrupt", False)
+
+    @property
+    def current_timestep(self):
+        """The timestep being denoised (None outside the loop), as diffusers pipelines report it."""
+        return getattr(self, "_current_timestep", None)
 
     @property
     def guidance_scale(self) -> float:
@@ -238,6 +329,40 @@ class Cosmos3PipelineBase(DiffusionPipeline):
         self._graph_capture = bool(capture)
         self._graph_step = None
         self.model_step_factory = type(self).graph_model_step if enabled else None
+
+    def enable_vae_tiling(self, tile_sample_min_height: int | None = None, tile_sample_min_width: int | None = None,
+                          tile_sample_stride_height: int | None = None,
+                          tile_sample_stride_width: int | None = None) -> None:
+        """Decode (and encode conditioning frames) in overlapping spatial tiles: `AutoencoderKLWan.enable_tiling`,
+        with its defaults (256-pixel tiles every 192) for the sizes not given.
+
+        Memory for large frames, at a price in fidelity near the seams: Wan's decoder attends over the whole frame
+        in its middle block, so tiled frames are close to the whole-frame decode, never equal.
+        """
+        if not hasattr(self.vae, "enable_tiling"):
+            raise TypeError(f"VAE tiling needs a VAE with `enable_tiling` (AutoencoderKLWan), got "
+                            f"{type(self.vae).__name__}.")
+        factor = int(self.vae.config.scale_factor_spatial)
+        sizes = dict(tile_sample_min_height=tile_sample_min_height, tile_sample_min_width=tile_sample_min_width,
+                     tile_sample_stride_height=tile_sample_stride_height,
+                     tile_sample_stride_width=tile_sample_stride_width)
+        for name, value in sizes.items():
+            # the VAE floors sizes to whole latents: any other value would blend tiles at the wrong offsets
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0
+                                      or value % factor):
+                raise ValueError(f"`{name}` must be a positive multiple of {factor} (the VAE's spatial factor), "
+                                 f"got {value!r}.")
+        for axis in ("height", "width"):
+            size = sizes[f"tile_sample_min_{axis}"] or getattr(self.vae, f"tile_sample_min_{axis}")
+            stride = sizes[f"tile_sample_stride_{axis}"] or getattr(self.vae, f"tile_sample_stride_{axis}")
+            if stride > size:  # tiles would leave gaps
+                raise ValueError(f"`tile_sample_stride_{axis}` {stride} must not exceed `tile_sample_min_{axis}` "
+                                 f"{size}.")
+        self.vae.enable_tiling(**sizes)
+
+    def disable_vae_tiling(self) -> None:
+        """Decode whole frames again (the default)."""
+        self.vae.disable_tiling()
 
     def enable_text_tower_offload(self, offload_device: str | torch.device = "cpu") -> None:
         """Keep the understanding tower in host memory, streamed to the GPU module by module when a request's text
@@ -355,15 +480,25 @@ class Cosmos3PipelineBase(DiffusionPipeline):
 
     model_step_factory = None
 
-    def prepare_latents(self, requests: list[Cosmos3Request], generators: list[torch.Generator | None]
-                        ) -> DenoisingState:
+    def prepare_latents(self, requests: list[Cosmos3Request], generators: list[torch.Generator | None],
+                        latents: Tensor | None = None) -> DenoisingState:
         """The initial noise, per sample with its own generator in the reference's order (vision, then sound, then
-        actions), with the clean positions already in place."""
+        actions), with the clean positions already in place.
+
+        `latents` (`[B, C, T, h, w]`, any float dtype) replace the vision noise, which is then not drawn (the
+        generators still draw sound and actions, as the reference's). Unlike the reference, which starts from them
+        as they are, the clean frames are put in place over them, so the conditioning cannot be lost; latents that
+        hold them already (the reference's own initial noise) give the reference's result.
+        """
         device = self._execution_device
+        given = self.check_latents(latents, requests)
         vision, sounds, actions, masks = [], [], [], []
-        for r, g in zip(requests, generators):
+        for b, (r, g) in enumerate(zip(requests, generators)):
             mask = r.clean_mask("vision", device)
-            noise = randn_tensor((1, *r.vision_shape), generator=g, device=device, dtype=torch.float32)[0]
+            if given is None:
+                noise = randn_tensor((1, *r.vision_shape), generator=g, device=device, dtype=torch.float32)[0]
+            else:
+                noise = given[b].to(device=device, dtype=torch.float32)
             vision.append(keep_clean(noise, r.vision, mask) if r.vision_condition_frames else noise)
             masks.append(mask)
             if r.sound_length:
@@ -384,6 +519,23 @@ class Cosmos3PipelineBase(DiffusionPipeline):
             state.action_padded = padded[:, None, :]  # [B, 1, action_dim]
             state.action_noisy = [len(r.action_condition_frames) < r.action_length for r in requests]
         return state
+
+    def check_latents(self, latents, requests: list[Cosmos3Request]) -> Tensor | None:
+        """`latents` if they fit `requests` (one `[C, T, h, w]` per sample, stacked), else a clear error."""
+        if latents is None:
+            return None
+        if not isinstance(latents, Tensor) or not latents.is_floating_point():
+            got = f"a {latents.dtype} tensor" if isinstance(latents, Tensor) else type(latents).__name__
+            raise TypeError(f"`latents` must be a floating-point torch.Tensor, got {got}.")
+        shapes = {r.vision_shape for r in requests}
+        if len(shapes) > 1:
+            raise ValueError(f"`latents` needs one latent shape for the batch; its samples have {sorted(shapes)}.")
+        expected = (len(requests), *shapes.pop())
+        if tuple(latents.shape) != expected:
+            raise ValueError(f"`latents` must be [{', '.join(map(str, expected))}] (samples, channels, latent frames, "
+                             f"height / {self.vae.config.scale_factor_spatial}, width / "
+                             f"{self.vae.config.scale_factor_spatial}), got {tuple(latents.shape)}.")
+        return latents
 
     def prepare_model(self, state: DenoisingState, guidance_scale: float) -> None:
         """The batch layout (the samples, then their negatives with guidance) and the step's model function."""
@@ -517,20 +669,28 @@ class Cosmos3PipelineBase(DiffusionPipeline):
         return_dict: bool,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        latents: Tensor | None = None,
     ):
-        """Sample `requests` (one generator, a list with one per request, or None) through the stages above."""
+        """Sample `requests` (one generator, a list with one per request, or None) through the stages above;
+        `latents`: the initial vision noise (see `prepare_latents`)."""
         self._guidance_scale = guidance_scale
-        state = self.prepare_latents(requests, check_generators(generator, len(requests)))
+        self._interrupt = False
+        self._current_timestep = None
+        state = self.prepare_latents(requests, check_generators(generator, len(requests)), latents)
         self.prepare_model(state, guidance_scale)
         timesteps = self.set_schedule(state, num_inference_steps)
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
+                if self.interrupt:  # as the reference: skip the remaining steps, decode what there is
+                    continue
+                self._current_timestep = t
                 self.advance(state, i, t, self.guided_velocity(state, t))
                 if callback_on_step_end is not None:
                     names = callback_on_step_end_tensor_inputs or []
                     tensors = {k: v for k, v in (("latents", state.vision),) if k in names}
                     state.vision = callback_on_step_end(self, i, t, tensors).pop("latents", state.vision).float()
                 progress.update()
+        self._current_timestep = None
         return self.decode(state, output_type, return_dict)
 
 

@@ -50,6 +50,7 @@ class Cosmos3ImageToVideoPipeline(Cosmos3PipelineBase):
         guidance_scale: float = 6.0,
         num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
         enable_sound: bool = False,
         use_system_prompt: bool | None = None,
         add_resolution_template: bool = True,
@@ -59,7 +60,8 @@ class Cosmos3ImageToVideoPipeline(Cosmos3PipelineBase):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ):
-        """`image`: a PIL image, `[H, W, 3]` array or `[3, H, W]` tensor, or a list with one per prompt."""
+        """`image`: a PIL image, `[H, W, 3]` array or `[3, H, W]` tensor, or a list with one per prompt. `latents`:
+        the initial noise `[B, C, T, h, w]`; the image's latent frame is put in place over it."""
         self.check_call(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
         if image is None:
             raise ValueError("`image` is required for image-to-video.")
@@ -85,5 +87,5 @@ class Cosmos3ImageToVideoPipeline(Cosmos3PipelineBase):
         return self._generate(
             requests, generator, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
+            callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs), latents=latents,
         )

@@ -16,7 +16,7 @@ from diffusers.utils import BaseOutput
 
 from ..models.transformer_cosmos3 import Cosmos3Transformer
 from ..tokenizers.text import load_text_tokenizer
-from .common import component_dtype
+from .common import _adopt_reference_transformer, component_dtype
 
 UPSAMPLE_INSTRUCTION = (
     "Rewrite the following prompt as one detailed paragraph describing the scene, the subjects, their motion, the "
@@ -40,13 +40,21 @@ class Cosmos3TextGenerationPipeline(DiffusionPipeline):
         self.register_modules(transformer=transformer, text_tokenizer=text_tokenizer)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype=None, dtype=None, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype=None, dtype=None, variant=None):
         """Read the transformer and text tokenizer of a checkpoint folder (the other components are not needed);
-        `dtype` / `torch_dtype` as diffusers reads them (a dict: its "transformer" or "default" entry)."""
+        `dtype` / `torch_dtype` as diffusers reads them (a dict: its "transformer" or "default" entry), `variant`
+        the transformer's weight files (`diffusion_pytorch_model.<variant>.safetensors`)."""
         folder = str(pretrained_model_name_or_path)
         dtype = component_dtype(dtype, torch_dtype, "transformer")
-        transformer = Cosmos3Transformer.from_pretrained(os.path.join(folder, "transformer"), dtype=dtype)
+        transformer = Cosmos3Transformer.from_pretrained(os.path.join(folder, "transformer"), dtype=dtype,
+                                                         variant=variant)
         return cls(transformer=transformer, text_tokenizer=load_text_tokenizer(folder))
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """diffusers' `from_pipe`, from any Cosmos 3 pipeline of ours or the reference's (whose transformer becomes
+        ours on the same weight tensors; see `Cosmos3PipelineBase.from_pipe`)."""
+        return super().from_pipe(pipeline, **_adopt_reference_transformer(pipeline, kwargs))
 
     def _sample(self, logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
         if temperature == 0:

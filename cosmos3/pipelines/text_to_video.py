@@ -30,6 +30,7 @@ class Cosmos3TextToVideoPipeline(Cosmos3PipelineBase):
         guidance_scale: float = 6.0,
         num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
         enable_sound: bool = False,
         use_system_prompt: bool | None = None,
         add_resolution_template: bool = True,
@@ -39,7 +40,8 @@ class Cosmos3TextToVideoPipeline(Cosmos3PipelineBase):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ):
-        """Generate one video per prompt x `num_videos_per_prompt`; see `Cosmos3PipelineOutput`."""
+        """Generate one video per prompt x `num_videos_per_prompt`; see `Cosmos3PipelineOutput`. `latents`: the
+        initial noise, `[B, C, T, h, w]` for the B samples (see `Cosmos3PipelineBase.prepare_latents`)."""
         self.check_call(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
         requests = self.prepare_requests(
             prompt, negative_prompt, num_per_prompt=num_videos_per_prompt, num_frames=num_frames, height=height,
@@ -48,7 +50,7 @@ class Cosmos3TextToVideoPipeline(Cosmos3PipelineBase):
         return self._generate(
             requests, generator, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
+            callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs), latents=latents,
         )
 
 
@@ -73,6 +75,7 @@ class Cosmos3TextToImagePipeline(Cosmos3PipelineBase):
         guidance_scale: float = 6.0,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
         use_system_prompt: bool | None = None,
         add_resolution_template: bool = True,
         output_type: str = "pil",
@@ -80,7 +83,8 @@ class Cosmos3TextToImagePipeline(Cosmos3PipelineBase):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ):
-        """Generate one image per prompt x `num_images_per_prompt`; see `Cosmos3ImagePipelineOutput`."""
+        """Generate one image per prompt x `num_images_per_prompt`; see `Cosmos3ImagePipelineOutput`. `latents`: the
+        initial noise, `[B, C, 1, h, w]` for the B samples."""
         self.check_call(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
         # The reference passes 24 fps for an image (no duration sentence is written for one frame).
         requests = self.prepare_requests(
@@ -89,7 +93,7 @@ class Cosmos3TextToImagePipeline(Cosmos3PipelineBase):
         frames, *_ = self._generate(
             requests, generator, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             output_type=output_type, return_dict=False, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
+            callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs), latents=latents,
         )
         images = [f[0] for f in frames] if output_type == "pil" else frames if output_type == "latent" else frames[:, 0]
         if not return_dict:

@@ -32,6 +32,7 @@ class Cosmos3VideoToVideoPipeline(Cosmos3PipelineBase):
         guidance_scale: float = 6.0,
         num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
         enable_sound: bool = False,
         use_system_prompt: bool | None = None,
         add_resolution_template: bool = True,
@@ -42,7 +43,8 @@ class Cosmos3VideoToVideoPipeline(Cosmos3PipelineBase):
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ):
         """`video`: a list of PIL frames, `[T, H, W, 3]` array or tensor, or a list with one clip per prompt.
-        `condition_video_keep`: use the `"first"` or `"last"` frames of the clip."""
+        `condition_video_keep`: use the `"first"` or `"last"` frames of the clip. `latents`: the initial noise
+        `[B, C, T, h, w]`; the conditioning latent frames are put in place over it."""
         self.check_call(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
         if video is None:
             raise ValueError("`video` is required for video-to-video.")
@@ -84,5 +86,5 @@ class Cosmos3VideoToVideoPipeline(Cosmos3PipelineBase):
         return self._generate(
             requests, generator, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
+            callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs), latents=latents,
         )

@@ -1,8 +1,8 @@
 """Simulator adapters for closed-loop evaluation and data collection, with every convention explicit.
 
-    env = make_env("metaworld:reach-v3", image_size=128)
-    obs = env.reset(seed=0)        # {"observation.images.corner2": uint8 [H, W, 3] (upright), "observation.state":
-                                   #  float32 [4], "task": "reach the goal position"}
+    env = make_env("metaworld:reach-v3", image_size=128)   # a gymnasium.Env
+    obs, info = env.reset(seed=0)  # {"observation.images.corner2": uint8 [H, W, 3] (upright), "observation.state":
+                                   #  float32 [4], "task": "reach the goal position"}, {"seed": 0}
     obs, reward, terminated, truncated, info = env.step(action)      # info["is_success"]: bool
     frame = env.render()           # uint8 [H, W, 3] for rollout videos
     env.close()
@@ -22,6 +22,22 @@ Conventions, per environment (`env.conventions` is the `ActionConventions` of wh
 * **aloha** (`libero`, 50 Hz, 300 steps): action = per arm 6 absolute joint targets (rad) and a gripper target in
   [0, 1] where 1 is open; state = the joint positions in the same layout; camera `top` (480x640), upright.
 
+Gymnasium: every adapter is a `gymnasium.Env`, so `check_env`, wrappers (`RecordEpisodeStatistics`, ...) and
+vector environments (`SyncVectorEnv([lambda: make_env("pusht")] * 4)`) take it as it is. `AsyncVectorEnv` needs
+`shared_memory=False`: its shared memory is read once, when it is built, which works for arrays (views) but
+freezes the `task` strings at their initial value (gymnasium 1.x, Farama-Foundation/Gymnasium#1164).
+
+* `action_space`: `Box(action_low, action_high)` float32 (the bounds below). `observation_space`: a `Dict` of
+  `observation.images.<camera>` (`Box(0, 255, (H, W, 3), uint8)`), `observation.state` (float32 `Box` of the
+  simulator's bounds; ALOHA's joint positions are unbounded) and `task` (`Text`, the instruction).
+* `metadata`: `render_modes == ["rgb_array"]` (the only mode: observations are rendered anyway) and `render_fps ==
+  fps`. `render_mode` is `"rgb_array"`; `gymnasium.make(..., render_mode="human")` adds its `HumanRendering`.
+* Registered ids (importing this module registers them): `cosmos3/PushT-v0`, `cosmos3/MetaWorld-v0` (`task=`
+  keyword, `reach-v3` by default) and `cosmos3/Aloha-v0` (`task=`); `gymnasium.make(id, **options)` builds what
+  `make_env` builds, inside gymnasium's usual wrappers. `make_env` records the same `spec` (with its options), so
+  `gymnasium.make(env.spec)` rebuilds an environment. No `max_episode_steps` is registered: the adapters truncate
+  themselves (the constructors' `max_episode_steps`); `gymnasium.make(id, max_episode_steps=n)` adds a `TimeLimit`.
+
 Choices that apply to every adapter:
 
 * **Upright images.** `raw_image_flips[camera]` records how the simulator's render differs from upright; the
@@ -34,8 +50,12 @@ Choices that apply to every adapter:
   float32 action that was applied (what a dataset should record).
 * **Episodes end at the first success** (`terminated`, as gym-pusht and gym-aloha do and LeRobot's eval
   expects), or with `truncated` after `max_episode_steps`. Stepping an ended episode raises `RuntimeError`.
-* **`reset(seed)` reproduces an episode exactly** (same seed, same initial state and, for deterministic
-  actions, the same trajectory). Seeds are ints in [0, 2**32).
+* **`reset(seed=s)` reproduces an episode exactly** (same seed, same initial state and, for deterministic
+  actions, the same trajectory). Seeds are ints in [0, 2**32) (what the simulators' generators take). `reset()`
+  without a seed follows gymnasium: it draws the episode's seed from `np_random`, which the last seeded reset
+  seeded (a fresh random generator before any), so the episodes after `reset(seed=s)` repeat too, and
+  `info["seed"]` (the seed the simulator was reset with, in every reset's info) replays any of them.
+  `reset(options=...)` takes no options (None or `{}`).
 * **Several environments per process** (or per thread) render correctly: each MetaWorld adapter makes its own
   GL context current before rendering (gymnasium leaves the newest one current) and frees its MuJoCo GL objects
   in that context on `close()` (or garbage collection), not in whichever context is current then.
@@ -56,19 +76,34 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import difflib
 import os
-from collections.abc import Sequence
+import string
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from ..tokenizers.action import ActionConventions, flip_images
 
+try:
+    import gymnasium as gym
+    from gymnasium import spaces
+except ImportError:  # the `robotics` extra: without it the module still imports (the CLI reads its options), and
+    gym = spaces = None  # every constructor raises the ImportError with the install hint before an object exists
+_BASES = (abc.ABC,) if gym is None else (gym.Env, abc.ABC)
+
 IMAGE_PREFIX = "observation.images."
 STATE_KEY = "observation.state"
 OUT_OF_RANGE = ("clip", "error")
 RENDER_QUALITIES = ("full", "fast")
+RENDER_MODES = ("rgb_array",)
+# `observation_space["task"]`: one bound and charset for every environment, so that environments of different
+# tasks (a multi-task vector environment) have equal observation spaces.
+TASK_MAX_LENGTH = 256
+TASK_CHARSET = string.ascii_letters + string.digits + string.punctuation + " "
+GYM_IDS = {"pusht": "cosmos3/PushT-v0", "metaworld": "cosmos3/MetaWorld-v0", "aloha": "cosmos3/Aloha-v0"}
 _MAX_SEED = 2**32
 _INSTALL = "pip install 'cosmos3[robotics]'"
 
@@ -107,8 +142,8 @@ def _choice(value: Any, name: str, choices: Sequence[str]) -> str:
     return value
 
 
-class RobotEnv(abc.ABC):
-    """One simulator episode at a time, with LeRobot-style observations and explicit conventions.
+class RobotEnv(*_BASES):
+    """One simulator episode at a time (a `gymnasium.Env`), with LeRobot-style observations and explicit conventions.
 
     Attributes (set by every subclass):
         name: The spec the environment was made from, e.g. `"metaworld:reach-v3"`.
@@ -126,7 +161,11 @@ class RobotEnv(abc.ABC):
         raw_image_flips: camera -> how the simulator's raw render differs from upright (`IMAGE_FLIPS`).
         conventions: `ActionConventions` of the emitted images and the accepted actions.
         out_of_range: `"clip"` (default) or `"error"` for actions outside the bounds.
+        action_space / observation_space / metadata / render_mode / spec / np_random: gymnasium's (see the
+            module docstring).
     """
+
+    metadata: dict[str, Any] = {"render_modes": list(RENDER_MODES)}  # what `gymnasium.make` reads on the class
 
     name: str
     embodiment: str
@@ -171,24 +210,39 @@ class RobotEnv(abc.ABC):
 
     # ------------------------------------------------------------------------------------------------ the API
 
-    def reset(self, seed: int) -> dict[str, Any]:
-        """Start a new episode determined by `seed` (an int in [0, 2**32)); returns the first observation."""
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Start a new episode: the one `seed` (an int in [0, 2**32)) determines, or without a seed one whose seed
+        is drawn from `np_random`; returns (first observation, `{"seed": the episode's seed}`)."""
         self._check_open()
-        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < _MAX_SEED:
-            raise ValueError(f"`seed` must be an int in [0, 2**32), got {seed!r}.")
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < _MAX_SEED
+        ):
+            raise ValueError(f"`seed` must be None or an int in [0, 2**32), got {seed!r}.")
+        if options is not None and not isinstance(options, Mapping):
+            raise TypeError(f"`options` must be None or a dict, got {type(options).__name__}.")
+        if options:
+            raise ValueError(f"`options` must be None or empty: {self.name} takes no reset options, got "
+                             f"{dict(options)!r}.")
+        seed = None if seed is None else int(seed)  # gymnasium's seeding takes Python ints only
+        super().reset(seed=seed)
+        # An unseeded episode still has a seed (reported in info): drawn from the generator the last seeded reset
+        # seeded, so the episodes that follow `reset(seed=s)` are reproducible too.
+        episode_seed = int(self.np_random.integers(_MAX_SEED)) if seed is None else seed
         self._steps = None  # until the simulator has reset
-        images, state = self._reset(int(seed))
+        images, state = self._reset(episode_seed)
         self._steps, self._done = 0, False
-        return self._observation(images, state)
+        return self._observation(images, state), {"seed": episode_seed}
 
     def step(self, action: Any) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
         """Apply `action` [action_dim]; returns (obs, reward, terminated, truncated, info) with
         `info["is_success"]`, `info["action"]` (the applied float32 action) and `info["action_clipped"]`."""
         self._check_open()
         if self._steps is None:
-            raise RuntimeError(f"{self.name}: call reset(seed) before step().")
+            raise RuntimeError(f"{self.name}: call reset() before step().")
         if self._done:
-            raise RuntimeError(f"{self.name}: the episode has ended (terminated or truncated); call reset(seed).")
+            raise RuntimeError(f"{self.name}: the episode has ended (terminated or truncated); call reset().")
         applied, clipped = self.check_action(action)
         images, state, reward, success, sim_info = self._step(applied)
         self._steps += 1
@@ -203,7 +257,7 @@ class RobotEnv(abc.ABC):
         """A uint8 `[H, W, 3]` frame of the current state (upright), for rollout videos."""
         self._check_open()
         if self._steps is None:
-            raise RuntimeError(f"{self.name}: call reset(seed) before render().")
+            raise RuntimeError(f"{self.name}: call reset() before render().")
         return np.ascontiguousarray(self._render())
 
     def close(self) -> None:
@@ -288,6 +342,19 @@ class RobotEnv(abc.ABC):
         self.action_high = np.asarray(high, dtype=np.float32).reshape(self.action_dim)
         self.out_of_range = _choice(out_of_range, "out_of_range", OUT_OF_RANGE)
 
+    def _init_gym(self, state_low: Sequence[float], state_high: Sequence[float], render_mode: Any) -> None:
+        """gymnasium's attributes, from the ones the subclass has set (call last in `__init__`)."""
+        self.render_mode = _choice(render_mode, "render_mode", RENDER_MODES)
+        self.metadata = {"render_modes": list(RENDER_MODES), "render_fps": self.fps}  # per instance: fps differs
+        self.action_space = spaces.Box(self.action_low, self.action_high, dtype=np.float32)
+        image = spaces.Box(0, 255, (*self.image_size, 3), dtype=np.uint8)
+        self.observation_space = spaces.Dict({
+            **{IMAGE_PREFIX + camera: image for camera in self.cameras},
+            STATE_KEY: spaces.Box(np.asarray(state_low, dtype=np.float32).reshape(self.state_dim),
+                                  np.asarray(state_high, dtype=np.float32).reshape(self.state_dim), dtype=np.float32),
+            "task": spaces.Text(TASK_MAX_LENGTH, charset=TASK_CHARSET),
+        })  # fmt: skip
+
     def _set_max_steps(self, value: Any, limit: int | None = None) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (limit and value > limit):
             bound = f" and <= {limit} (the simulator's own limit)" if limit else ""
@@ -314,6 +381,7 @@ class PushTEnv(RobotEnv):
         render_size: int | tuple[int, int] | None = None,
         max_episode_steps: int = 300,
         out_of_range: str = "clip",
+        render_mode: str = "rgb_array",
     ) -> None:
         os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
         gym = _import("gymnasium")
@@ -340,6 +408,7 @@ class PushTEnv(RobotEnv):
             visualization_height=render_h, visualization_width=render_w,
             max_episode_steps=self.max_episode_steps, disable_env_checker=True,
         )  # fmt: skip
+        self._init_gym([0.0, 0.0], [512.0, 512.0], render_mode)  # gym-pusht's bounds of the agent position
 
     def _reset(self, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         obs, _ = self._env.reset(seed=seed)
@@ -478,6 +547,7 @@ class MetaWorldEnv(RobotEnv):
         upright: bool = True,
         max_episode_steps: int = 500,
         out_of_range: str = "clip",
+        render_mode: str = "rgb_array",
     ) -> None:
         _use_egl()
         gym = _import("gymnasium")
@@ -543,6 +613,9 @@ class MetaWorldEnv(RobotEnv):
             model.vis.quality.offsamples = 0
         self.full_state: np.ndarray | None = None
         self._images: dict[str, np.ndarray] = {}
+        # MetaWorld clips its observations to these hand bounds; the opening is clipped to [0, 1].
+        hand = self._raw.sawyer_observation_space
+        self._init_gym([*hand.low[:3], 0.0], [*hand.high[:3], 1.0], render_mode)
 
     def _render_cameras(self) -> dict[str, np.ndarray]:
         viewer = self._raw.mujoco_renderer._get_viewer("rgb_array")
@@ -620,6 +693,7 @@ class AlohaEnv(RobotEnv):
         render_quality: str = "full",
         max_episode_steps: int = 300,
         out_of_range: str = "clip",
+        render_mode: str = "rgb_array",
     ) -> None:
         _use_egl()
         gym = _import("gymnasium")
@@ -661,6 +735,8 @@ class AlohaEnv(RobotEnv):
 
         sim_task.get_observation = observation
         self._frame: np.ndarray | None = None
+        # Unbounded: MuJoCo's joint limits are soft, so the joints (and the normalized grippers) can pass them.
+        self._init_gym(np.full(14, -np.inf), np.full(14, np.inf), render_mode)
 
     def _images(self, obs: dict[str, Any]) -> dict[str, np.ndarray]:
         self._frame = np.asarray(obs["pixels"]["top"], dtype=np.uint8)
@@ -692,22 +768,44 @@ class AlohaEnv(RobotEnv):
 ENV_SPECS = ("pusht", "metaworld:<task>", "aloha", "aloha:<task>")
 
 
+_CLASSES: dict[str, type[RobotEnv]] = {"pusht": PushTEnv, "metaworld": MetaWorldEnv, "aloha": AlohaEnv}
+
+
 def make_env(spec: str, **options: Any) -> RobotEnv:
     """An adapter from a spec: `"pusht"`, `"metaworld:<task>"` (e.g. `metaworld:reach-v3`), `"aloha"` or
-    `"aloha:<task>"` (`AlohaInsertion-v0`, `AlohaTransferCube-v0`); `options` go to its constructor."""
+    `"aloha:<task>"` (`AlohaInsertion-v0`, `AlohaTransferCube-v0`); `options` go to its constructor. The
+    environment is unwrapped, with the `spec` of its registered id and these options (`gymnasium.make(env.spec)`
+    rebuilds it)."""
     if not isinstance(spec, str):
         raise TypeError(f"`spec` must be a str, got {type(spec).__name__}.")
     kind, _, task = spec.partition(":")
     if kind == "pusht" and not task:
-        return PushTEnv(**options)
-    if kind == "metaworld" and task:
-        return MetaWorldEnv(task, **options)
-    if kind == "aloha":
-        return AlohaEnv(task or "AlohaInsertion-v0", **options)
-    raise ValueError(f"Unknown environment `spec` {spec!r}; valid: {list(ENV_SPECS)} (e.g. 'metaworld:reach-v3').")
+        kwargs = dict(options)
+    elif kind == "metaworld" and task:
+        kwargs = {"task": task, **options}
+    elif kind == "aloha":
+        kwargs = {"task": task or "AlohaInsertion-v0", **options}
+    else:
+        raise ValueError(f"Unknown environment `spec` {spec!r}; valid: {list(ENV_SPECS)} (e.g. 'metaworld:reach-v3').")
+    env = _CLASSES[kind](**kwargs)
+    # What `gymnasium.make` records on the environment it builds: no wrappers, so the spec rebuilds this one.
+    env.spec = dataclasses.replace(gym.spec(GYM_IDS[kind]), kwargs=kwargs, order_enforce=False,
+                                   disable_env_checker=True)
+    return env
+
+
+def _register() -> None:
+    for kind, env_id in GYM_IDS.items():
+        if env_id not in gym.registry:  # importing the module again (a reload) must not re-register
+            gym.register(env_id, entry_point=f"{__name__}:{_CLASSES[kind].__name__}")
+
+
+if gym is not None:
+    _register()
 
 
 __all__ = [
-    "ALOHA_TASKS", "ENV_SPECS", "LEROBOT_CORNER2_POS", "METAWORLD_CAMERA_FLIPS", "METAWORLD_INSTRUCTIONS",
+    "ALOHA_TASKS", "ENV_SPECS", "GYM_IDS", "LEROBOT_CORNER2_POS", "METAWORLD_CAMERA_FLIPS", "METAWORLD_INSTRUCTIONS",
+    "TASK_CHARSET", "TASK_MAX_LENGTH",
     "AlohaEnv", "MetaWorldEnv", "PushTEnv", "RobotEnv", "make_env", "metaworld_instruction", "metaworld_tasks",
 ]  # fmt: skip

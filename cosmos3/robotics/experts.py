@@ -19,10 +19,12 @@ EXPERTS = ("scripted",)
 
 
 def scripted_expert(env: RobotEnv) -> Callable[[dict[str, Any]], np.ndarray]:
-    """The scripted policy of `env`'s task: `expert(obs) -> action` (MetaWorld tasks only)."""
+    """The scripted policy of `env`'s task: `expert(obs) -> action` (MetaWorld tasks only; `env` may be inside
+    gymnasium wrappers, e.g. from `gymnasium.make("cosmos3/MetaWorld-v0", task=...)`)."""
+    env = getattr(env, "unwrapped", env)  # the privileged state lives on the adapter, not on its wrappers
     if not isinstance(env, MetaWorldEnv):
-        raise ValueError(f"There is no scripted expert for {env.name!r}: only MetaWorld tasks ship one "
-                         "(use `metaworld:<task>`).")
+        raise ValueError(f"There is no scripted expert for {getattr(env, 'name', type(env).__name__)!r}: only "
+                         "MetaWorld tasks ship one (use `metaworld:<task>`).")
     from metaworld.policies import ENV_POLICY_MAP
 
     policy = ENV_POLICY_MAP[env.task_name]()

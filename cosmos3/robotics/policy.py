@@ -5,11 +5,12 @@
     action = policy.select_action(observation)                          # one action; a chunk every n_action_steps
     chunk = policy.predict_action_chunk(observation)                    # [chunk_size, action_dim]
 
-Observations are LeRobot-style dicts: `observation.images.<camera>` (uint8 `[H, W, 3]`, upright; the environment
-adapters make them so), `observation.state` (unused by the model; accepted), `task` (the instruction). Several
-cameras are tiled side by side into one frame, as the Cosmos 3 DROID policy and `ExampleEncoder` do. A list of
-observations (one per environment) is one batched pipeline call. openpi-style keys (`prompt`, `observation/image`,
-...) are accepted too, so the policy server can pass client observations through.
+Observations come in two conventions (the class docstring has the details): one observation as a dict of numpy
+arrays (`observation.images.<camera>` uint8 `[H, W, 3]`, or openpi's `observation/image` and `prompt`), or a list
+of them, answered in numpy; and LeRobot's batches (`[B, 3, H, W]` float tensors in [0, 1], `task` a list of B
+strings), answered in torch tensors, so a lerobot-eval-style loop drives the policy as it drives LeRobot's own.
+Several cameras are tiled side by side into one frame, as the Cosmos 3 DROID policy and `ExampleEncoder` do; a
+batch or a list is one batched pipeline call.
 
 Actions come out in the environment's units: the model's normalized actions are mapped back with the
 `action_normalizer.json` saved next to the checkpoint by `cosmos3 train` (the same statistics it trained with).
@@ -35,6 +36,9 @@ from ..tokenizers.text import ACTION_VIEWPOINTS
 CONFIG_NAME = "policy_config.json"
 NORMALIZER_NAME = "action_normalizer.json"
 IMAGE_PREFIX = "observation.images."
+# openpi's standard camera keys (its LIBERO / DROID examples' `observation/image`, `observation/wrist_image`), in the
+# order they take the policy's cameras
+OPENPI_IMAGE_KEYS = ("observation/image", "observation/wrist_image")
 
 
 @dataclass
@@ -101,9 +105,19 @@ class PolicyConfig:
         atomic_write_json(path, asdict(self))
 
 
+def _to_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        if value.is_floating_point() and value.dtype != torch.float32:  # numpy has no bfloat16
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
+
+
 def tile_frames(observation: dict, cameras: list[str] | None) -> np.ndarray:
     """The observation's camera frames side by side (left to right in `cameras` order; None: the observation's
-    order), one uint8 `[H, W, 3]`, tiled exactly as `ExampleEncoder` tiles training clips."""
+    order), one uint8 `[H, W, 3]`, tiled exactly as `ExampleEncoder` tiles training clips. A frame may also be
+    `[3, H, W]`, floats in [0, 1], or a torch tensor on any device (one sample of a LeRobot batch)."""
     images = {k: v for k, v in observation.items() if k.startswith(IMAGE_PREFIX)}
     if not images:
         raise ValueError(f"The observation has no camera frames (keys starting with {IMAGE_PREFIX!r}); it has "
@@ -114,44 +128,120 @@ def tile_frames(observation: dict, cameras: list[str] | None) -> np.ndarray:
         raise ValueError(f"The observation lacks cameras {missing}; it has {[k[len(IMAGE_PREFIX):] for k in images]}.")
     clips = {}
     for name in names:
-        frame = np.asarray(images[IMAGE_PREFIX + name])
+        frame = _to_numpy(images[IMAGE_PREFIX + name])
         if frame.ndim == 3 and frame.shape[0] == 3 and frame.shape[-1] != 3:  # CHW (openpi clients often send it)
             frame = frame.transpose(1, 2, 0)
         if frame.ndim != 3 or frame.shape[-1] != 3:
-            raise ValueError(f"Camera {name!r}: expected an [H, W, 3] image, got shape {frame.shape}.")
+            batched = " (a batch: send torch tensors [B, 3, H, W] or a list of observations)" if frame.ndim == 4 else ""
+            raise ValueError(f"Camera {name!r}: expected an [H, W, 3] image, got shape {frame.shape}{batched}.")
         if frame.dtype != np.uint8:
             if np.issubdtype(frame.dtype, np.floating) and frame.size and frame.min() >= 0.0 and frame.max() <= 1.0:
                 frame = (frame * 255.0 + 0.5).astype(np.uint8)  # [0, 1] floats, as LeRobot tensors are
             else:
-                raise ValueError(f"Camera {name!r}: expected uint8 or floats in [0, 1], got {frame.dtype}.")
+                found = f"values in [{frame.min()}, {frame.max()}]" if frame.size else "no pixels"
+                raise ValueError(f"Camera {name!r}: expected uint8 or floats in [0, 1], got {frame.dtype} {found}.")
         clips[IMAGE_PREFIX + name] = frame[None]
     return tile_cameras(clips, None)[0]
 
 
-def _standardize(observation: Any) -> dict:
-    """LeRobot keys from LeRobot- or openpi-style observations."""
+def _standardize(observation: Any, cameras: list[str] | None = None) -> dict:
+    """LeRobot keys from LeRobot- or openpi-style observations. openpi's standard `observation/image` and
+    `observation/wrist_image` become the first and second of `cameras` (a key naming a camera exactly stays that
+    camera, and the other key takes the first camera left); other `observation/<name>` images become `<name>`."""
     if not isinstance(observation, dict):
         raise TypeError(f"An observation must be a dict, got {type(observation).__name__}.")
-    out = {}
+    aliases = {}
+    if cameras:
+        named = [k.split("/", 1)[1] for k in OPENPI_IMAGE_KEYS]
+        free_keys = [k for k, n in zip(OPENPI_IMAGE_KEYS, named) if n not in cameras]
+        aliases = dict(zip(free_keys, [IMAGE_PREFIX + c for c in cameras if c not in named]))
+    out, sources = {}, {}
     for key, value in observation.items():
         if not isinstance(key, str):
             raise TypeError(f"Observation keys must be strings, got {key!r}.")
         if key in ("prompt", "instruction", "language_instruction"):
-            out["task"] = value
-        elif key.startswith("observation/") and "image" in key:  # openpi: observation/image, observation/wrist_image
-            out[IMAGE_PREFIX + key.split("/", 1)[1]] = value
+            target = "task"
+        elif key in aliases:
+            target = aliases[key]
+        elif key.startswith("observation/") and "image" in key:  # openpi's other cameras, e.g. DROID's
+            target = IMAGE_PREFIX + key.split("/", 1)[1]
         elif key == "observation/state":
-            out["observation.state"] = value
+            target = "observation.state"
         else:
-            out[key] = value
+            target = key
+        if target in sources and target.startswith(IMAGE_PREFIX):  # two frames for one camera: which is meant?
+            raise ValueError(f"The observation has both `{sources[target]}` and `{key}`, the same camera "
+                             f"{target[len(IMAGE_PREFIX):]!r}; send one.")
+        out[target], sources[target] = value, key
     task = out.get("task")
     if not isinstance(task, str) or not task.strip():
         raise ValueError(f"The observation needs a non-empty instruction under `task` (or `prompt`), got {task!r}.")
     return out
 
 
+def _lerobot_batch(observation: Any) -> tuple[list[dict], torch.device] | None:
+    """A LeRobot batch (camera tensors `[B, 3, H, W]`) split into its B observations, with the device actions go
+    back to; None for anything else (one observation, or a list of them)."""
+    if not isinstance(observation, dict):
+        return None
+    frames = {k: v for k, v in observation.items() if isinstance(k, str) and k.startswith(IMAGE_PREFIX)}
+    batched = {k: v for k, v in frames.items() if isinstance(v, torch.Tensor) and v.ndim == 4}
+    if not batched:
+        return None
+    unbatched = sorted(set(frames) - set(batched))
+    if unbatched:
+        raise ValueError(f"A LeRobot batch needs every camera as a [B, 3, H, W] tensor: {list(batched)} are, "
+                         f"{unbatched} are not.")
+    first, images = next(iter(batched.items()))
+    size = images.shape[0]
+    if size < 1:
+        raise ValueError(f"`{first}` is an empty batch (shape {tuple(images.shape)}).")
+    task = observation.get("task")
+    if isinstance(task, str):  # one instruction for every environment
+        task = [task] * size
+    if not (isinstance(task, list | tuple) and len(task) == size and all(isinstance(t, str) for t in task)):
+        raise ValueError(f"`task` must be a list of {size} instructions (one per environment, as lerobot-eval "
+                         f"passes them) or one str, got {task!r}.")
+    samples = [{"task": t} for t in task]
+    for key, value in observation.items():
+        if key == "task":
+            continue
+        if (isinstance(value, torch.Tensor) and value.ndim >= 1) or isinstance(value, list | tuple):
+            if len(value) != size:
+                raise ValueError(f"`{key}` has {len(value)} rows, the batch {size} (`{first}` is "
+                                 f"{tuple(images.shape)}).")
+            for sample, row in zip(samples, value):
+                sample[key] = row
+        else:  # the same for every environment (e.g. a scalar tensor)
+            for sample in samples:
+                sample[key] = value
+    return samples, images.device
+
+
 class Cosmos3Policy:
-    """A `Cosmos3WorldActionPipeline` run as a closed-loop policy (see the module docstring).
+    """A `Cosmos3WorldActionPipeline` run as a closed-loop policy.
+
+    `select_action`, `predict_action_chunk` and `infer` take observations in either convention, and answer in
+    that convention's types:
+
+    * one observation (numpy / openpi style): a dict of `observation.images.<camera>` frames (uint8 `[H, W, 3]`,
+      upright, as the environment adapters give them; `[3, H, W]` and floats in [0, 1] work too),
+      `observation.state` (accepted, not used by the model) and `task`. A list of such dicts is a batch, one entry
+      per environment. Answers are numpy float32: `select_action` `[action_dim]` (a list: `[B, action_dim]`),
+      `predict_action_chunk` `[chunk_size, action_dim]` (a list: `[B, chunk_size, action_dim]`).
+      openpi's keys work in the same dict: `prompt` for `task`, `observation/state`, and its standard cameras
+      `observation/image` and `observation/wrist_image`: a policy with one camera takes `observation/image`
+      whatever that camera is called; with several, `observation/image` is the first of `PolicyConfig.cameras`
+      and `observation/wrist_image` the second (a camera itself called `image` or `wrist_image` keeps its key,
+      and the other key takes the first camera left). Other `observation/<name>` images, and every one when
+      `cameras` is None, are camera `<name>`.
+    * a LeRobot batch (what lerobot-eval passes a `PreTrainedPolicy`): `observation.images.<camera>` torch
+      tensors `[B, 3, H, W]` (float32 in [0, 1]), `observation.state` `[B, D]`, `task` a list of B strings (one
+      str: the same for all). Answers are float32 torch tensors on the images' device: `select_action`
+      `[B, action_dim]`, `predict_action_chunk` `[B, chunk_size, action_dim]`. Environment `i` is row `i`.
+
+    `select_action` keeps one queue of `n_action_steps` actions per environment and predicts a chunk for those
+    whose queue is empty; `reset()` clears the queues, as LeRobot's policies do.
 
     Args:
         pipeline: the world-action pipeline.
@@ -220,19 +310,23 @@ class Cosmos3Policy:
 
     # ---------------------------------------------------------------------------------------------------- chunks
 
-    def predict_action_chunk(self, observation: dict | list[dict]) -> np.ndarray:
-        """The next `chunk_size` actions, `[chunk_size, action_dim]` (a list of observations: `[B, chunk, dim]`,
-        one batched model call)."""
+    def predict_action_chunk(self, observation: dict | list[dict]) -> np.ndarray | torch.Tensor:
+        """The next `chunk_size` actions, `[chunk_size, action_dim]` (a list of observations or a LeRobot batch:
+        `[B, chunk, dim]`, one batched model call; a tensor for a LeRobot batch)."""
         from PIL import Image
 
         from ..pipelines import ActionRequest
 
+        batch = _lerobot_batch(observation)
+        if batch is not None:
+            samples, device = batch
+            return torch.from_numpy(self.predict_action_chunk(samples)).to(device)
         single = isinstance(observation, dict)
         observations = [observation] if single else list(observation)
         if not observations:
             raise ValueError("`observation` is an empty list.")
         c = self.config
-        observations = [_standardize(o) for o in observations]
+        observations = [_standardize(o, c.cameras) for o in observations]
         requests, prompts = [], []
         width = c.action_dim if c.embodiment not in EMBODIMENT_TO_RAW_ACTION_DIM else None
         for obs in observations:
@@ -257,10 +351,15 @@ class Cosmos3Policy:
             chunks.append(action.numpy().astype(np.float32))
         return chunks[0] if single else np.stack(chunks)
 
-    def select_action(self, observation: dict | list[dict], env_ids: list[int] | None = None) -> np.ndarray:
+    def select_action(self, observation: dict | list[dict],
+                      env_ids: list[int] | None = None) -> np.ndarray | torch.Tensor:
         """One action per environment: pops its queue, refilled with the first `n_action_steps` of a new chunk
-        when empty. For a list, environments whose queues are empty are predicted together in one batch; `env_ids`
-        names the environments (queue keys) of the list's entries (default: their positions)."""
+        when empty. For a list or a LeRobot batch, environments whose queues are empty are predicted together in
+        one batch; `env_ids` names the environments (queue keys) of the entries (default: their positions)."""
+        batch = _lerobot_batch(observation)
+        if batch is not None:
+            samples, device = batch
+            return torch.from_numpy(self.select_action(samples, env_ids)).to(device)
         single = isinstance(observation, dict)
         observations = [observation] if single else list(observation)
         ids = list(range(len(observations))) if env_ids is None else list(env_ids)

@@ -77,11 +77,11 @@ class _EnvThread:
         self._pool = ThreadPoolExecutor(max_workers=1)
         self.env = self._pool.submit(make_env, spec, **options).result()
 
-    def submit(self, method: str, *args):
-        return self._pool.submit(getattr(self.env, method), *args)
+    def submit(self, method: str, *args, **kwargs):
+        return self._pool.submit(getattr(self.env, method), *args, **kwargs)
 
-    def call(self, method: str, *args):
-        return self.submit(method, *args).result()
+    def call(self, method: str, *args, **kwargs):
+        return self.submit(method, *args, **kwargs).result()
 
     def close(self) -> None:
         try:
@@ -133,7 +133,7 @@ def rollout(policy, env_spec: str, episodes: int, *, seed: int = 0, num_envs: in
                 return
             index = next_episode
             next_episode += 1
-            observations[i] = envs[i].call("reset", seed + index)
+            observations[i], _ = envs[i].call("reset", seed=seed + index)
             slots[i] = {"episode_ix": index, "seed": seed + index, "sum_reward": 0.0, "max_reward": -np.inf,
                         "success": False, "steps": 0, "frames": [] if index < videos else None}
             if slots[i]["frames"] is not None:

@@ -21,16 +21,25 @@ msgpack-numpy: arrays pack as maps ``{b"__ndarray__": True, b"data": bytes, b"dt
 numpy scalars as ``{b"__npgeneric__": True, b"data": item, b"dtype": dtype.str}`` (openpi_client.msgpack_numpy's
 format, byte for byte); object / void / complex dtypes are refused. Decoded arrays are writable copies.
 
-Where this server differs from openpi's (which sends a traceback as a text frame and closes the connection on any
-error): errors are answered and the connection stays open, the server stays up.
+Errors (the same contract as openpi's server: a reply that is a text frame is an error, and openpi-client's
+``WebsocketClientPolicy.infer`` raises it as a ``RuntimeError`` whose message ends with the frame's text, so a
+rejected observation fails at the ``infer`` call, not later on a missing ``"actions"``):
 
-* Error replies are packed dicts ``{"error": message, "type": name, "server_timing": {...}}`` (no traceback: that
-  goes to the server log). ``type`` is the exception class name for errors raised by the policy (``ValueError``,
-  ``KeyError``, ...), ``DecodeError`` for a frame that is not msgpack-numpy, ``TypeError`` for a text frame or a
-  message that is not a map, ``TimeoutError`` for an inference slower than ``inference_timeout_s``, ``ServerBusy``
-  when the wait queue is full or a request waited longer than ``queue_timeout_s`` for a slot, ``SerializationError``
-  when the policy's result can't be packed. With ``error_format="text"`` errors are sent as a text frame
-  ``"<type>: <message>"`` instead, which openpi-client's ``infer`` raises as ``RuntimeError`` (still without closing).
+* An error is answered with one text frame ``"<type>: <message>"``. ``type`` is the exception class name for
+  errors raised by the policy (``ValueError``, ``KeyError``, ...), ``DecodeError`` for a frame that is not
+  msgpack-numpy, ``TypeError`` for a text frame or a message that is not a map, ``TimeoutError`` for an inference
+  slower than ``inference_timeout_s``, ``ServerBusy`` when the wait queue is full or a request waited longer than
+  ``queue_timeout_s`` for a slot, ``SerializationError`` when the policy's result can't be packed. The traceback
+  goes to the server log, not to the client.
+* Where this server differs from openpi's (which sends the traceback and then closes the connection with code
+  1011): the connection stays open and the server stays up, so a client may catch the error and send the next
+  observation on the same connection.
+* ``error_format="packed"`` (``--error-format packed``) answers errors as binary frames instead, packed dicts
+  ``{"error": message, "type": name, "server_timing": {...}}``, for clients of our own that want the type as data.
+  openpi-client returns those from ``infer`` as if they were results: don't use it with openpi clients.
+
+Beyond openpi's server (which serves one request at a time, without limits):
+
 * Concurrency: at most ``max_concurrency`` ``policy.infer`` calls run at once, each in a worker thread, so the event
   loop keeps serving health checks, handshakes and other connections. Each connection handles its requests in
   order. A request that finds every slot taken waits (FIFO) for at most ``queue_timeout_s``; at most
@@ -154,7 +163,7 @@ def unpackb(data: bytes) -> Any:
 
 
 class RequestError(Exception):
-    """An error answered to the client as ``{"error": str(self), "type": self.type_name}``."""
+    """An error answered to the client as ``"<type_name>: <message>"`` (or, packed, ``{"error", "type"}``)."""
 
     def __init__(self, message: str, type_name: str):
         super().__init__(message)
@@ -199,7 +208,7 @@ class PolicyServer:
         idle_timeout_s: float | None = DEFAULT_IDLE_TIMEOUT_S,
         max_pending: int = DEFAULT_MAX_PENDING,
         queue_timeout_s: float | None = None,
-        error_format: str = "packed",
+        error_format: str = "text",
     ):
         if not callable(getattr(policy, "infer", None)):
             raise TypeError(f"{type(policy).__name__} has no infer(obs) method")
@@ -207,8 +216,8 @@ class PolicyServer:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         if max_pending < 0:
             raise ValueError(f"max_pending must be >= 0, got {max_pending}")
-        if error_format not in ("packed", "text"):
-            raise ValueError(f"error_format must be 'packed' or 'text', got {error_format!r}")
+        if error_format not in ("text", "packed"):
+            raise ValueError(f"error_format must be 'text' or 'packed', got {error_format!r}")
         self.policy = policy
         self.host = host
         self._requested_port = port
@@ -558,9 +567,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help=f"close connections idle this many seconds (default {DEFAULT_IDLE_TIMEOUT_S:g}; 0: never)")
     parser.add_argument("--max-message-mb", type=float, default=DEFAULT_MAX_MESSAGE_BYTES / 2**20,
                         help=f"largest observation message in MiB (default {DEFAULT_MAX_MESSAGE_BYTES // 2**20})")
-    parser.add_argument("--error-format", choices=["packed", "text"], default="packed",
-                        help="error replies as packed dicts {'error', 'type'} (default) or as text frames, which "
-                             "openpi-client raises as RuntimeError")
+    parser.add_argument("--error-format", choices=["text", "packed"], default="text",
+                        help="error replies as text frames, which openpi-client raises as RuntimeError (default, "
+                             "openpi's convention), or as packed dicts {'error', 'type'}, which it returns as results")
     return parser
 
 

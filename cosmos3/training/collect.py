@@ -50,8 +50,8 @@ STEP_FEATURES = {
 def run_episode(
     env: RobotEnv, policy: Callable[[dict[str, Any]], np.ndarray], seed: int
 ) -> tuple[dict[str, np.ndarray], bool]:
-    """One episode from `reset(seed)`: per-frame arrays keyed like the dataset's features, and its success."""
-    obs = env.reset(seed)
+    """One episode from `reset(seed=seed)`: per-frame arrays keyed like the dataset's features, and its success."""
+    obs, _ = env.reset(seed=seed)
     frames: dict[str, list] = {key: [] for key in (*env.features, *STEP_FEATURES)}
     while True:
         for camera in env.cameras:

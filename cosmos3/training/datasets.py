@@ -9,7 +9,8 @@
 Notable choices:
 
 * **LeRobotDataset v3 layout** without depending on `lerobot`: `meta/info.json` (schema, path templates),
-  `meta/stats.json`, `meta/tasks.parquet`, `meta/episodes/chunk-XXX/file-XXX.parquet` (one row per episode), data
+  `meta/stats.json`, `meta/tasks.parquet` (the task text as the pandas index, as LeRobot writes and reads it; a
+  plain `task` column reads too), `meta/episodes/chunk-XXX/file-XXX.parquet` (one row per episode), data
   parquet files and one mp4 per camera that each hold *several episodes back to back*. An episode's rows are
   `dataset_from_index..dataset_to_index` and its frames sit in `[from_timestamp, to_timestamp)` of its camera's
   mp4; new files start once `data_files_size_in_mb` / `video_files_size_in_mb` would be exceeded, and a new
@@ -71,6 +72,10 @@ DEFAULT_FEATURES: dict[str, dict[str, Any]] = {
     "index": {"dtype": "int64", "shape": [1], "names": None},
     "task_index": {"dtype": "int64", "shape": [1], "names": None},
 }
+# pandas' column name for an unnamed index, and the pandas version whose `to_parquet` metadata tasks.parquet copies
+# (pandas 2.x, for an object index of strings; pandas 2 and 3 both read it, and pyarrow records but never consults
+# the version).
+PANDAS_INDEX, PANDAS_LAYOUT_VERSION = "__index_level_0__", "2.2.3"
 QUANTILES = {"q01": 0.01, "q10": 0.10, "q50": 0.50, "q90": 0.90, "q99": 0.99}
 NUMERIC_DTYPES = ("float32", "float64", "int64", "int32", "bool")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -129,6 +134,50 @@ def _column_numpy(table: Any, name: str, where: str) -> np.ndarray:
         values = column.flatten().to_numpy(zero_copy_only=False)
         return values.reshape(len(column), width)
     return column.to_numpy(zero_copy_only=False)
+
+
+def _tasks_table(tasks: Mapping[str, int]) -> Any:
+    """meta/tasks.parquet as LeRobot writes it (`pd.DataFrame({"task_index": ...}, index=texts).to_parquet()`),
+    without pandas: LeRobot reads it back with `pd.read_parquet` and takes `item["task"]` from the *index*, so the
+    text goes in pandas' unnamed-index column and the `pandas` schema metadata declares it the index. Rows are in
+    task_index order because LeRobot looks tasks up by position (`tasks.iloc[task_index]`)."""
+    pa = _pyarrow()[0]
+    ordered = sorted(tasks.items(), key=lambda item: item[1])
+    metadata = {
+        "index_columns": [PANDAS_INDEX],
+        "column_indexes": [{"name": None, "field_name": None, "pandas_type": "unicode", "numpy_type": "object",
+                            "metadata": {"encoding": "UTF-8"}}],
+        "columns": [{"name": "task_index", "field_name": "task_index", "pandas_type": "int64", "numpy_type": "int64",
+                     "metadata": None},
+                    {"name": None, "field_name": PANDAS_INDEX, "pandas_type": "unicode", "numpy_type": "object",
+                     "metadata": None}],
+        "creator": {"library": "pyarrow", "version": pa.__version__}, "pandas_version": PANDAS_LAYOUT_VERSION,
+    }
+    table = pa.table({"task_index": pa.array([i for _, i in ordered], type=pa.int64()),
+                      PANDAS_INDEX: pa.array([t for t, _ in ordered], type=pa.string())})
+    return table.replace_schema_metadata({"pandas": json.dumps(metadata)})
+
+
+def _task_text_column(table: Any, path: str) -> str:
+    """The column of meta/tasks.parquet that holds the task text: `task` (files of this writer before it followed
+    LeRobot, or a pandas index named "task"), else the pandas index LeRobot's writer leaves, i.e. the index column
+    the `pandas` schema metadata names, or `__index_level_0__` when the metadata was stripped."""
+    if "task" in table.column_names:
+        return "task"
+    try:
+        metadata = table.schema.pandas_metadata
+    except ValueError:  # unreadable pandas metadata: fall back to pandas' default index column name
+        metadata = None
+    index = metadata.get("index_columns") if isinstance(metadata, dict) else None
+    # A RangeIndex is recorded as a dict rather than a column, and a `task_index` index is not the text.
+    named = [c for c in index if isinstance(c, str) and c != "task_index"] if isinstance(index, list) else []
+    candidates = [*named, PANDAS_INDEX]
+    for name in candidates:
+        if name in table.column_names:
+            return name
+    raise LeRobotFormatError(f"{path}: no task text: expected a column 'task' or the pandas index LeRobot writes "
+                             f"({PANDAS_INDEX!r}, or the index column named in the pandas metadata) "
+                             f"(columns: {table.column_names}).")
 
 
 def _write_json(path: str, data: Any) -> None:
@@ -572,16 +621,12 @@ class LeRobotDatasetWriter:
                                "clear_episode_buffer() before finalize().")
         if not self._episodes:
             raise ValueError("No episode was saved; an empty dataset is not written.")
-        pa = _pyarrow()[0]
         self._close_data()
         for key in self.camera_keys:
             self._close_video(key)
         _write_parquet(os.path.join(self.root, EPISODES_PATH.format(chunk_index=0, file_index=0)),
                        self._episodes_table())
-        ordered = sorted(self.tasks.items(), key=lambda item: item[1])
-        tasks = pa.table({"task_index": pa.array([i for _, i in ordered], type=pa.int64()),
-                          "task": pa.array([t for t, _ in ordered], type=pa.string())})
-        _write_parquet(os.path.join(self.root, TASKS_PATH), tasks)
+        _write_parquet(os.path.join(self.root, TASKS_PATH), _tasks_table(self.tasks))
         _write_json(os.path.join(self.root, STATS_PATH), self._stats())
         _write_json(os.path.join(self.root, INFO_PATH), self._info())
         shutil.rmtree(os.path.join(self.root, _STAGING), ignore_errors=True)
@@ -723,11 +768,19 @@ class LeRobotDataset(torch.utils.data.Dataset):
         return path
 
     def _read_tasks(self) -> dict[int, str]:
-        pq = _pyarrow()[2]
+        pa, _, pq = _pyarrow()
         path = self._meta(TASKS_PATH)
         table = pq.read_table(path)
-        indices, names = _column_numpy(table, "task_index", path), _column_numpy(table, "task", path)
-        return {int(i): str(t) for i, t in zip(indices, names)}
+        indices, name = _column_numpy(table, "task_index", path), _task_text_column(table, path)
+        kind = table.schema.field(name).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise LeRobotFormatError(f"{path}: column {name!r} holds {kind}, not task text (strings).")
+        tasks: dict[int, str] = {}
+        for i, text in zip(indices.tolist(), _column_numpy(table, name, path).tolist()):
+            if i in tasks:
+                raise LeRobotFormatError(f"{path}: task_index {i} is listed twice ({tasks[i]!r}, {text!r}).")
+            tasks[i] = text
+        return tasks
 
     def _read_stats(self) -> dict[str, dict[str, np.ndarray]]:
         """stats.json as arrays, or {} if the dataset has none (it is only needed for normalization)."""

@@ -3,9 +3,11 @@
 import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 
 import numpy as np
 import pytest
+import torch
 from diffusers import UniPCMultistepScheduler
 
 from cosmos3.robotics.policy import Cosmos3Policy, PolicyConfig, tile_frames
@@ -20,6 +22,21 @@ def observation(seed=0, task="push the T into the target"):
 @pytest.fixture(scope="module")
 def policy(tiny_policy_folder):
     return Cosmos3Policy.from_pretrained(str(tiny_policy_folder), device="cpu")
+
+
+def with_cameras(policy, cameras):
+    """The same model and normalizer as `policy` under a config naming `cameras`."""
+    return Cosmos3Policy(policy.pipeline, PolicyConfig(**{**asdict(policy.config), "cameras": cameras}),
+                         policy.normalizer)
+
+
+def lerobot_batch(observations):
+    """What lerobot-eval hands a policy for these environments: `[B, 3, H, W]` float32 in [0, 1], `[B, D]` state,
+    a list of B instructions."""
+    images = torch.stack([torch.from_numpy(o["observation.images.top"]).permute(2, 0, 1) for o in observations])
+    return {"observation.images.top": images.float() / 255.0,
+            "observation.state": torch.stack([torch.from_numpy(o["observation.state"]) for o in observations]),
+            "task": [o["task"] for o in observations]}
 
 
 def test_chunks_are_in_environment_units_and_reproducible(policy):
@@ -66,6 +83,61 @@ def test_a_list_of_observations_is_one_batched_call_equal_to_single_calls(policy
     assert first.shape == (2, 2)
     policy.reset(envs=[1])
     assert len(policy._queues[0]) == 1 and 1 not in policy._queues
+
+
+def test_a_lerobot_eval_loop_gets_batched_tensors_equal_to_single_numpy_calls(policy):
+    """lerobot-eval's loop: `reset()`, then `select_action(batch)` each step, with the batch in LeRobot's tensors,
+    and a `[B, action_dim]` tensor back to step the vector env with."""
+    observations = [observation(0), observation(1, task="push it left")]
+    batch = lerobot_batch(observations)
+    policy.reset(seed=3)
+    got = [policy.select_action(batch) for _ in range(3)]  # n_action_steps = 2: a new chunk at step 2
+    for action in got:
+        assert isinstance(action, torch.Tensor) and action.shape == (2, 2) and action.dtype == torch.float32
+        assert action.device == batch["observation.images.top"].device
+    # the batch draws one seed per environment in order; single calls (env 0, then env 1) draw the same seeds
+    policy.reset(seed=3)
+    singles = [np.stack([policy.select_action(o, env_ids=[i]) for i, o in enumerate(observations)]) for _ in range(3)]
+    assert isinstance(singles[0][0], np.ndarray) and singles[0].shape == (2, 2)  # numpy in, numpy out, as before
+    assert not np.array_equal(singles[0][0], singles[0][1])
+    # batched and single float32 model calls round differently: 1e-3 of the action scale (256, minmax over [0, 512])
+    np.testing.assert_allclose(torch.stack(got).numpy(), np.stack(singles), rtol=0, atol=256 * 1e-3)
+
+    policy.reset(seed=3)
+    chunk = policy.predict_action_chunk(batch)
+    assert isinstance(chunk, torch.Tensor) and chunk.shape == (2, 4, 2) and chunk.dtype == torch.float32
+    np.testing.assert_allclose(chunk[:, :2].numpy(), torch.stack(got[:2], dim=1).numpy(), rtol=0, atol=256 * 1e-5)
+
+
+def test_lerobot_batches_are_checked(policy):
+    batch = lerobot_batch([observation(0), observation(1)])
+    with pytest.raises(ValueError, match="`task` must be a list of 2 instructions"):
+        policy.select_action({**batch, "task": ["only one"]})
+    with pytest.raises(ValueError, match="`observation.state` has 3 rows, the batch 2"):
+        policy.select_action({**batch, "observation.state": torch.zeros(3, 2)})
+    with pytest.raises(ValueError, match="floats in \\[0, 1\\]"):
+        policy.select_action({**batch, "observation.images.top": batch["observation.images.top"] * 255})
+
+
+def test_openpi_standard_image_keys_map_onto_the_policys_cameras(policy):
+    """openpi's examples send `observation/image` (and `observation/wrist_image`), whatever the policy calls its
+    cameras: one camera takes `observation/image`; with several, the first two in `cameras` order take them."""
+    image, wrist = observation(0)["observation.images.top"], observation(1)["observation.images.top"]
+    one = with_cameras(policy, ["top"])
+    one.reset(seed=4)
+    expected = one.infer({"observation.images.top": image, "task": "push the T"})["actions"]
+    one.reset(seed=4)
+    got = one.infer({"observation/image": image, "observation/state": np.zeros(2, np.float32), "prompt": "push the T"})
+    np.testing.assert_array_equal(got["actions"], expected)
+
+    two = with_cameras(policy, ["front", "wrist"])
+    two.reset(seed=4)
+    expected = two.infer({"observation.images.front": image, "observation.images.wrist": wrist, "task": "push"})
+    two.reset(seed=4)
+    got = two.infer({"observation/image": image, "observation/wrist_image": wrist, "prompt": "push"})
+    np.testing.assert_array_equal(got["actions"], expected["actions"])
+    with pytest.raises(ValueError, match="both `observation/image` and `observation.images.front`"):
+        two.infer({"observation/image": image, "observation.images.front": image, "prompt": "push"})
 
 
 def test_concurrent_infer_calls_equal_the_same_calls_one_after_another(policy, monkeypatch):
@@ -146,7 +218,20 @@ def test_served_over_the_openpi_protocol(policy):
         assert client.get_server_metadata()["embodiment"] == "pusht"
         out = client.infer({"observation/image": np.zeros((64, 64, 3), np.uint8), "prompt": "push the T"})
         assert out["actions"].shape == (4, 2) and out["actions"].dtype == np.float32
-        bad = client.infer({"observation/image": np.zeros((64, 64, 3), np.uint8)})  # no instruction
-        assert bad["type"] == "ValueError" and "instruction" in bad["error"]
+        # openpi-client's infer raises on openpi's error frames; a dict without "actions" would fail later instead
+        with pytest.raises(RuntimeError, match="ValueError: .*instruction"):
+            client.infer({"observation/image": np.zeros((64, 64, 3), np.uint8)})  # no instruction
         again = client.infer({"observation/image": np.zeros((64, 64, 3), np.uint8), "prompt": "push the T"})
         assert again["actions"].shape == (4, 2)
+
+
+def test_openpi_image_key_reaches_a_named_camera_through_the_openpi_client(policy):
+    client_module = pytest.importorskip("openpi_client.websocket_client_policy")
+    from cosmos3.robotics.server import PolicyServer
+
+    named = with_cameras(policy, ["top"])
+    with PolicyServer(named, port=0) as server:
+        client = client_module.WebsocketClientPolicy(host="127.0.0.1", port=server.port)
+        out = client.infer({"observation/image": np.zeros((64, 64, 3), np.uint8),
+                            "observation/state": np.zeros(2, np.float32), "prompt": "push the T"})
+        assert out["actions"].shape == (4, 2)

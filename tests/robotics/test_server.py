@@ -134,9 +134,11 @@ def _raw(server):
     return ws
 
 
-def _request(ws, payload, timeout: float = 10.0) -> dict:
+def _request(ws, payload, timeout: float = 10.0) -> dict | str:
+    """The reply: a packed dict unpacked, or an error's text frame as it came."""
     ws.send(payload)
-    return unpackb(ws.recv(timeout=timeout))
+    reply = ws.recv(timeout=timeout)
+    return reply if isinstance(reply, str) else unpackb(reply)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -220,16 +222,17 @@ def test_malformed_messages_get_error_replies_and_the_connection_stays(serve):
     policy = FakePolicy()
     server = serve(policy)
     with _raw(server) as ws:
+        # errors are text frames, as openpi's server sends them (its client raises on a str reply)
         garbage = _request(ws, b"\xc1\xc1 definitely not msgpack")
-        assert garbage["type"] == "DecodeError" and "malformed" in garbage["error"]
+        assert garbage.startswith("DecodeError: ") and "malformed" in garbage
         listing = _request(ws, packb([1, 2, 3]))
-        assert listing["type"] == "TypeError" and "map" in listing["error"]
+        assert listing.startswith("TypeError: ") and "map" in listing
         text = _request(ws, "a text frame")
-        assert text["type"] == "TypeError"
+        assert text.startswith("TypeError: ")
         missing = _request(ws, packb({"image": np.zeros((2, 2), np.uint8)}))
-        assert missing["type"] == "KeyError" and "state" in missing["error"]
+        assert missing.startswith("KeyError: ") and "state" in missing
         wrong = _request(ws, packb({"state": np.zeros(5)}))
-        assert wrong["type"] == "ValueError" and "Traceback" not in wrong["error"]
+        assert wrong.startswith("ValueError: ") and "Traceback" not in wrong
         ok = _request(ws, packb(_obs(3.0)))  # same connection still works
         np.testing.assert_array_equal(ok["actions"], _expected(3.0))
     client = _client(server)  # and new connections too
@@ -238,13 +241,28 @@ def test_malformed_messages_get_error_replies_and_the_connection_stays(serve):
 
 
 @pytest.mark.parametrize("client_kind", CLIENTS)
-def test_text_error_format_raises_in_openpi_client(serve, client_kind):
-    server = serve(FakePolicy(), error_format="text")
+def test_errors_raise_in_openpi_client_and_the_connection_stays(serve, client_kind):
+    """openpi-client's `infer` returns any packed dict as the result: an error must come as a text frame, which it
+    raises, or user code fails later on a missing "actions"."""
+    server = serve(FakePolicy())
     client = (WebsocketClientPolicy if client_kind == "openpi" else _MiniClient)("127.0.0.1", server.port)
-    with pytest.raises(RuntimeError, match="KeyError"):
+    with pytest.raises(RuntimeError, match="KeyError: missing key 'state'"):
         client.infer({"nothing": np.zeros(1)})
+    with pytest.raises(RuntimeError, match="ValueError: state must be an array"):
+        client.infer({"state": np.zeros(5)})
     np.testing.assert_array_equal(client.infer(_obs(1.0))["actions"], _expected(1.0))
     client._ws.close()
+
+
+def test_packed_error_format_answers_dicts(serve):
+    """`error_format="packed"`, for clients of our own that want the error's type as data."""
+    server = serve(FakePolicy(), error_format="packed")
+    with _raw(server) as ws:
+        missing = _request(ws, packb({"image": np.zeros((2, 2), np.uint8)}))
+        timing = missing["server_timing"]
+        assert missing == {"error": "missing key 'state'", "type": "KeyError", "server_timing": timing}
+        assert _request(ws, b"\xc1")["type"] == "DecodeError"
+        np.testing.assert_array_equal(_request(ws, packb(_obs(3.0)))["actions"], _expected(3.0))
 
 
 def test_oversized_message_is_rejected(serve):
@@ -334,7 +352,7 @@ def test_busy_when_queue_is_full(serve):
     assert policy.started.wait(5)
     with _raw(server) as ws:
         busy = _request(ws, packb(_obs(1.0)))
-        assert busy["type"] == "ServerBusy"
+        assert busy.startswith("ServerBusy: ")
     gate.set()
     thread.join(10)
     np.testing.assert_array_equal(first["actions"], _expected(0.0))
@@ -345,8 +363,9 @@ def test_inference_timeout_replies_error_and_keeps_the_slot(serve):
     server = serve(policy, max_concurrency=1, inference_timeout_s=0.2, queue_timeout_s=5.0)
     client = _client(server)
     start = time.monotonic()
-    slow = client.infer({**_obs(1.0), "slow": True})
-    assert slow["type"] == "TimeoutError" and "actions" not in slow and time.monotonic() - start < 1.5
+    with pytest.raises(RuntimeError, match="TimeoutError: inference took longer than 0.2 s"):
+        client.infer({**_obs(1.0), "slow": True})
+    assert time.monotonic() - start < 1.5
     # the same connection is usable; the late call still holds the only slot, so this one waits for it
     out = client.infer(_obs(2.0))
     np.testing.assert_array_equal(out["actions"], _expected(2.0))
@@ -376,10 +395,8 @@ def test_policy_crash_and_bad_result_keep_serving(serve):
 
     server = serve(Flaky())
     with _raw(server) as ws:
-        crash = _request(ws, packb({**_obs(), "crash": True}))
-        assert crash == {"error": "CUDA out of memory (pretend)", "type": "RuntimeError",
-                         "server_timing": crash["server_timing"]}
-        assert _request(ws, packb({**_obs(), "unserializable": True}))["type"] == "SerializationError"
+        assert _request(ws, packb({**_obs(), "crash": True})) == "RuntimeError: CUDA out of memory (pretend)"
+        assert _request(ws, packb({**_obs(), "unserializable": True})).startswith("SerializationError: ")
         np.testing.assert_array_equal(_request(ws, packb(_obs(4.0)))["actions"], _expected(4.0))
 
 
@@ -418,7 +435,7 @@ def test_metadata_from_argument_and_validation():
 def test_cli_helpers(monkeypatch):
     parser = add_serve_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--policy", "ckpt", "--port", "0", "--max-concurrency", "2", "--timeout", "5"])
-    assert args.host == "127.0.0.1" and args.idle_timeout > 0
+    assert args.host == "127.0.0.1" and args.idle_timeout > 0 and args.error_format == "text"
     made, seen = [], {}
 
     def make_policy(path, a):

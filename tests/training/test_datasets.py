@@ -33,6 +33,11 @@ FEATURES = {
 }
 FAST = {"preset": "ultrafast", "crf": "10"}  # tiny test videos: encoder speed matters more than size
 
+try:  # not a dependency: where it is missing, LeRobot's tasks.parquet layout is written and checked with pyarrow
+    import pandas as pd
+except ImportError:
+    pd = None
+
 
 def frames_of(episode, camera, length):
     """Every frame a flat colour plus a gentle gradient; consecutive frames differ by 9 levels, so a decoded frame
@@ -67,6 +72,30 @@ def rolled_root(tmp_path_factory):
     """Every episode in its own data and video file (tiny size limits), two files per chunk directory."""
     root = tmp_path_factory.mktemp("rolled") / "ds"
     return write_dataset(root, chunks_size=2, data_files_size_in_mb=1e-6, video_files_size_in_mb=1e-6)
+
+
+def write_tasks_as_lerobot(path, texts, index_name=None):
+    """meta/tasks.parquet exactly as LeRobot writes it (`write_tasks`: `pd.DataFrame({"task_index": ...},
+    index=texts).to_parquet(path)`): the task text is the pandas index, stored as column `__index_level_0__` (or
+    under the index's name) and named as the index in the `pandas` schema metadata."""
+    if pd is not None:
+        tasks = pd.DataFrame({"task_index": range(len(texts))}, index=list(texts))
+        tasks.index.name = index_name
+        tasks.to_parquet(path)
+        return
+    field = "__index_level_0__" if index_name is None else index_name
+    metadata = {  # what pandas 2 (LeRobot's) writes for an object index of strings
+        "index_columns": [field],
+        "column_indexes": [{"name": None, "field_name": None, "pandas_type": "unicode", "numpy_type": "object",
+                            "metadata": {"encoding": "UTF-8"}}],
+        "columns": [{"name": "task_index", "field_name": "task_index", "pandas_type": "int64", "numpy_type": "int64",
+                     "metadata": None},
+                    {"name": index_name, "field_name": field, "pandas_type": "unicode", "numpy_type": "object",
+                     "metadata": None}],
+        "creator": {"library": "pyarrow", "version": pa.__version__}, "pandas_version": "2.2.3",
+    }
+    table = pa.table({"task_index": pa.array(range(len(texts)), pa.int64()), field: pa.array(texts, pa.string())})
+    pq.write_table(table.replace_schema_metadata({"pandas": json.dumps(metadata)}), path)
 
 
 def files_under(root):
@@ -114,9 +143,6 @@ def test_v3_layout_and_metadata(lerobot_root):
     assert video["info"] == {"video.height": 32, "video.width": 32, "video.codec": "h264", "video.pix_fmt": "yuv420p",
                              "video.is_depth_map": False, "video.fps": FPS, "video.channels": 3, "has_audio": False}
 
-    tasks = pq.read_table(os.path.join(root, "meta/tasks.parquet")).to_pydict()
-    assert tasks == {"task_index": [0, 1], "task": ["pick the cube", "place the cube"]}
-
     episodes = pq.read_table(os.path.join(root, "meta/episodes/chunk-000/file-000.parquet"))
     video_columns = [f"videos/{c}/{n}" for c in CAMERAS for n in ("chunk_index", "file_index", "from_timestamp",
                                                                    "to_timestamp")]
@@ -152,6 +178,24 @@ def test_v3_layout_and_metadata(lerobot_root):
                                                                    / FPS))
     actions = np.concatenate([episode_arrays(e, n)[0] for e, n in enumerate(LENGTHS)])
     np.testing.assert_array_equal(np.array(columns["action"], np.float32), actions)
+
+
+def test_tasks_parquet_reads_as_lerobot_reads_it(lerobot_root):
+    """LeRobot's `load_tasks` is `pd.read_parquet` and its `item["task"]` is `tasks.iloc[task_index].name`: the text
+    must be the pandas index, as LeRobot's own writer leaves it, not a data column."""
+    path = os.path.join(lerobot_root, "meta/tasks.parquet")
+    table = pq.read_table(path)
+    assert table.to_pydict() == {"task_index": [0, 1], "__index_level_0__": ["pick the cube", "place the cube"]}
+    assert table.schema.field("__index_level_0__").type == pa.string()
+    metadata = table.schema.pandas_metadata
+    assert metadata["index_columns"] == ["__index_level_0__"]
+    assert [(c["name"], c["field_name"], c["pandas_type"]) for c in metadata["columns"]] == [
+        ("task_index", "task_index", "int64"), (None, "__index_level_0__", "unicode")]
+    if pd is not None:
+        tasks = pd.read_parquet(path)
+        assert list(tasks.columns) == ["task_index"]
+        assert [tasks.iloc[i].name for i in range(len(tasks))] == ["pick the cube", "place the cube"]
+        assert tasks.loc["place the cube"].task_index == 1  # LeRobot's get_task_index
 
 
 def test_stats_equal_numpy(lerobot_root):
@@ -305,6 +349,30 @@ def test_round_trip_clips(lerobot_root):
     assert meta["videos"][WRIST]["path"].endswith(f"videos/{WRIST}/chunk-000/file-000.mp4")
 
 
+@pytest.mark.parametrize("index_name", [None, "instruction"])
+def test_reads_tasks_stored_as_pandas_index(lerobot_root, tmp_path, index_name):
+    """A dataset from LeRobot's own writer: tasks.parquet holds the text as the pandas index (unnamed:
+    `__index_level_0__`; named: a column of that name, recorded as the index in the pandas metadata)."""
+    root = str(tmp_path / "ds")
+    shutil.copytree(lerobot_root, root)
+    write_tasks_as_lerobot(f"{root}/meta/tasks.parquet", ["pick the cube", "place the cube"], index_name)
+    data = LeRobotDataset(root, clip_frames=5, cameras=[])
+    assert data.tasks == {0: "pick the cube", 1: "place the cube"}
+    assert [data[i]["task"] for i in range(len(data))] == [TASKS[data.clip(i)[0]] for i in range(len(data))]
+
+
+def test_reads_tasks_stored_as_a_column(lerobot_root, tmp_path):
+    """Datasets written before the writer followed LeRobot's layout keep the text in a plain `task` column; rows
+    are matched by `task_index`, not by position."""
+    root = str(tmp_path / "ds")
+    shutil.copytree(lerobot_root, root)
+    pq.write_table(pa.table({"task_index": pa.array([1, 0], pa.int64()), "task": ["place the cube", "pick the cube"]}),
+                   f"{root}/meta/tasks.parquet")
+    data = LeRobotDataset(root, clip_frames=5, cameras=[])
+    assert data.tasks == {0: "pick the cube", 1: "place the cube"}
+    assert data[0]["task"] == "pick the cube"
+
+
 def test_isolated_decoding_matches(lerobot_root):
     seek = LeRobotDataset(lerobot_root, clip_frames=5, cameras=[WRIST])
     isolated = LeRobotDataset(lerobot_root, clip_frames=5, cameras=[WRIST], decode="isolated")
@@ -368,6 +436,13 @@ BREAKAGES = {
     "no video file": (lambda r: os.remove(f"{r}/videos/{WRIST}/chunk-000/file-000.mp4"),
                       f"videos/{WRIST}/chunk-000/file-000.mp4 is missing"),
     "no tasks": (lambda r: os.remove(f"{r}/meta/tasks.parquet"), "meta/tasks.parquet is missing"),
+    "no task text": (lambda r: _drop_column(f"{r}/meta/tasks.parquet", "__index_level_0__"),
+                     "meta/tasks.parquet: no task text"),
+    "task text not text": (lambda r: pq.write_table(pa.table({"task_index": [0, 1], "task": [3, 4]}),
+                                                    f"{r}/meta/tasks.parquet"),
+                           "meta/tasks.parquet: column 'task' holds int64, not task text"),
+    "task twice": (lambda r: pq.write_table(pa.table({"task_index": [0, 0], "task": ["a", "b"]}),
+                                            f"{r}/meta/tasks.parquet"), "meta/tasks.parquet: task_index 0 is listed"),
     "episodes column": (lambda r: _drop_column(f"{r}/meta/episodes/chunk-000/file-000.parquet",
                                                f"videos/{FRONT}/from_timestamp"),
                         f"file-000.parquet: column 'videos/{FRONT}/from_timestamp' is missing"),
