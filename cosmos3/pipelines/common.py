@@ -334,7 +334,7 @@ class Cosmos3PipelineBase(DiffusionPipeline):
                           tile_sample_stride_height: int | None = None,
                           tile_sample_stride_width: int | None = None) -> None:
         """Decode (and encode conditioning frames) in overlapping spatial tiles: `AutoencoderKLWan.enable_tiling`,
-        with its defaults (256-pixel tiles every 192) for the sizes not given.
+        which keeps the VAE's current sizes (256-pixel tiles every 192 unless set before) for those not given.
 
         Memory for large frames, at a price in fidelity near the seams: Wan's decoder attends over the whole frame
         in its middle block, so tiled frames are close to the whole-frame decode, never equal.

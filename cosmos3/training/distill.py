@@ -25,9 +25,9 @@ update. Here, with the same pieces as `Trainer`:
   (student, critic, both optimizers, student EMA, step) under a `COMPLETE` marker, resume from the newest complete
   one with the same data order and noise, non-finite steps skipped before the optimizer. Single process (the
   critic and the student are not wrapped for DDP/FSDP here).
-* **Export.** `export_student` writes a pipeline folder with `distilled_sigmas` (in the pipeline config and in
-  `modular_model_index.json`, as the released students carry it) that `Cosmos3TextToImagePipeline.from_pretrained`
-  (or the video pipelines) loads as a fixed-schedule, guidance-1 student.
+* **Export.** `export_student` writes a pipeline folder with `distilled_sigmas` (in `modular_model_index.json`,
+  where the released students carry it; `model_index.json` keeps only keys the reference accepts) that
+  `Cosmos3TextToImagePipeline.from_pretrained` (or the video pipelines) loads as a fixed-schedule, guidance-1 student.
 
 Conditioning frames (image-to-video) are supported: they stay clean through simulation and re-noising and carry no
 loss. Sound and actions are not (the distilled pipeline path refuses them too).
@@ -418,8 +418,8 @@ def export_student(student: Cosmos3Transformer, pipeline, save_directory: str,
 
     The folder holds the full transformer state dict (the teacher's text tower, the student's generation tower),
     the re-noising scheduler of the distilled path (`FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`),
-    and `sigmas` both in the pipeline config (`model_index.json`) and in `modular_model_index.json` (where the
-    released students carry it), so `from_pretrained` gives a pipeline that runs `len(sigmas)` steps at guidance 1.
+    and `sigmas` in `modular_model_index.json` (where the released students carry it; `save_pretrained` writes it),
+    so `from_pretrained` gives a pipeline that runs `len(sigmas)` steps at guidance 1.
     `save_directory` must not exist or be empty. Returns it.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -437,7 +437,5 @@ def export_student(student: Cosmos3Transformer, pipeline, save_directory: str,
         default_use_system_prompt=pipeline.config.default_use_system_prompt, distilled_sigmas=sigmas,
     )
     with atomic_directory(save_directory) as tmp:  # an empty `save_directory` (checked above) is replaced
-        student_pipeline.save_pretrained(tmp)
-        with open(os.path.join(tmp, "modular_model_index.json"), "w") as f:
-            json.dump({"is_distilled": True, "distilled_sigmas": sigmas}, f, indent=2)
+        student_pipeline.save_pretrained(tmp)  # the sigmas go to `modular_model_index.json`
     return save_directory

@@ -108,6 +108,7 @@ def test_from_pipe_of_the_reference_shares_its_weights_and_gives_its_video(compo
     assert np.abs(got[0] - expected).max() <= 1e-4
     direct = pipeline(Cosmos3TextToVideoPipeline, parts)
     assert np.array_equal(got, direct("a red car", generator=gen(2), **kwargs).frames)
+    assert shares_storage(Cosmos3TextGenerationPipeline.from_pipe(reference).transformer, reference.transformer)
 
     # The way back: diffusers keeps a component only if it is exactly the class its signature names, so ours is
     # dropped (and diffusers raises) unless its reference twin is passed.
