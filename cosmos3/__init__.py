@@ -15,6 +15,7 @@ from .pipelines import (
     Cosmos3TextGenerationPipeline,
     Cosmos3TextToImagePipeline,
     Cosmos3TextToVideoPipeline,
+    Cosmos3TransferPipeline,
     Cosmos3VideoToVideoPipeline,
     Cosmos3WorldActionPipeline,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "Cosmos3TextGenerationPipeline",
     "Cosmos3TextToImagePipeline",
     "Cosmos3TextToVideoPipeline",
+    "Cosmos3TransferPipeline",
     "Cosmos3VideoToVideoPipeline",
     "Cosmos3WorldActionPipeline",
     "ATTENTION_BACKENDS",

@@ -222,6 +222,8 @@ class Cosmos3Request:
         negative_ids: the negative prompt's ids (the unconditional pass of guidance); None: no negative pass.
         vision_shape: the latent shape `(C, T, h, w)`; taken from `vision` when that is given.
         sound_length: sound latent frames to generate; taken from `sound` when that is given.
+        control: transfer's control latents `[N, C, T, h, w]` (one clip per hint: edge, blur, ...), laid out before
+            the target, every frame clean, each at the target's own positions; None: no control clips.
     """
 
     text_ids: Sequence[int]
@@ -236,6 +238,7 @@ class Cosmos3Request:
     negative_ids: Sequence[int] | None = None
     vision_shape: tuple[int, int, int, int] | None = None
     sound_length: int = 0
+    control: Tensor | None = None
 
     def __post_init__(self):
         if self.vision is not None:
@@ -265,22 +268,37 @@ class Cosmos3Request:
             raise ValueError(f"`action` must be [N, action_dim], got shape {tuple(self.action.shape)}.")
         if self.action_condition_frames and self.action is None:
             raise ValueError("`action_condition_frames` needs `action`, the clean values of those tokens.")
+        if self.control is not None and (self.control.ndim != 5 or tuple(self.control.shape[1:]) != self.vision_shape):
+            raise ValueError(f"`control` must be [N, *vision_shape] = [N, {', '.join(map(str, self.vision_shape))}], "
+                             f"got shape {tuple(self.control.shape)}.")
 
     @property
     def action_length(self) -> int:
         return 0 if self.action is None else int(self.action.shape[0])
 
-    def to_sample(self, negative: bool = False) -> Cosmos3Sample:
+    def to_sample(self, negative: bool = False, controls: bool = True) -> Cosmos3Sample:
         """The model's static description of this sample (`Cosmos3Layout.build` input); with `negative`, the
-        guidance pass's twin reading `negative_ids`."""
+        guidance pass's twin reading `negative_ids`; without `controls`, transfer's "no control" pass (the hints
+        dropped). With control clips the vision segment is `[control_1 | ... | control_N | target]`."""
         if negative and self.negative_ids is None:
             raise ValueError("This request has no `negative_ids` for the guidance pass.")
+        _, T, h, w = self.vision_shape
+        items = 1 if self.control is None or not controls else self.control.shape[0] + 1
+        offset = (items - 1) * T  # the control frames come first and are all clean
         return Cosmos3Sample(
-            text_ids=list(self.negative_ids if negative else self.text_ids), vision_shape=self.vision_shape[1:],
-            fps=self.fps, vision_condition_frames=self.vision_condition_frames, sound_length=self.sound_length,
-            action_length=self.action_length, action_condition_frames=self.action_condition_frames,
-            action_domain_id=self.action_domain_id,
+            text_ids=list(self.negative_ids if negative else self.text_ids), vision_shape=(items * T, h, w),
+            fps=self.fps, vision_condition_frames=(*range(offset), *(offset + f for f in self.vision_condition_frames)),
+            sound_length=self.sound_length, action_length=self.action_length,
+            action_condition_frames=self.action_condition_frames, action_domain_id=self.action_domain_id,
+            vision_items=items,
         )
+
+    def model_vision(self, x: Tensor, controls: bool = True) -> Tensor:
+        """The vision input of `to_sample(controls=controls)` for target latents `x` `[C, T, h, w]`: the control
+        clips (in `x`'s dtype) before it along time."""
+        if self.control is None or not controls:
+            return x
+        return torch.cat([*self.control.to(x), x], dim=1)
 
     def clean_mask(self, stream: str, device: torch.device | str | None = None) -> Tensor:
         """1 at clean positions, 0 at noisy ones, shaped to broadcast against the stream's latents: vision

@@ -45,6 +45,9 @@ class Cosmos3Sample:
         action_length: Number of action tokens (0: no action segment).
         action_condition_frames: Action token indexes that are clean conditioning.
         action_domain_id: Embodiment id selecting the per-domain action projections.
+        vision_items: How many clips of `T / vision_items` latent frames the vision segment holds one after another
+            (transfer: the control clips, then the target). Every item gets the same position ids, so a control
+            frame sits exactly where its target frame does; frame indexes above count over all items.
     """
 
     text_ids: Sequence[int] | Tensor
@@ -55,6 +58,7 @@ class Cosmos3Sample:
     action_length: int = 0
     action_condition_frames: tuple[int, ...] = ()
     action_domain_id: int = 0
+    vision_items: int = 1
 
 
 def text_position_ids(num_tokens: int, enable_fps_modulation: bool) -> Tensor:
@@ -233,6 +237,10 @@ class Cosmos3Layout:
                     f"[0, num_embodiment_domains={config.num_embodiment_domains})."
                 )
             t, h, w = (int(n) for n in s.vision_shape)
+            items = s.vision_items
+            if isinstance(items, bool) or not isinstance(items, int) or items < 1 or t % items:
+                raise ValueError(f"samples[{b}].vision_items={items!r} must be an int >= 1 dividing the "
+                                 f"{t} latent frames.")
             vision_cond = _check_frames("vision_condition_frames", s.vision_condition_frames, t, b)
             action_cond = _check_frames("action_condition_frames", s.action_condition_frames, s.action_length, b)
             checked.append(s)
@@ -252,7 +260,8 @@ class Cosmos3Layout:
             vision_grids.append(grid)
             n_vision = grid[0] * grid[1] * grid[2]
             per_frame = grid[1] * grid[2]
-            gen_pos.append(positions(grid, fps=fps, temporal_compression=temporal_compression))
+            item_grid = (t // items, grid[1], grid[2])
+            gen_pos.append(positions(item_grid, fps=fps, temporal_compression=temporal_compression).repeat(1, items))
             vision_index.append(torch.arange(n_vision) + gen_offset)
             noisy_frames = [f for f in range(t) if f not in vision_cond]
             vision_noisy_frames.append(noisy_frames)

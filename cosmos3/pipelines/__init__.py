@@ -4,6 +4,7 @@ from .common import Cosmos3PipelineOutput
 from .image_to_video import Cosmos3ImageToVideoPipeline
 from .text_generation import Cosmos3TextGenerationPipeline, Cosmos3TextOutput
 from .text_to_video import Cosmos3ImagePipelineOutput, Cosmos3TextToImagePipeline, Cosmos3TextToVideoPipeline
+from .transfer import Cosmos3TransferPipeline
 from .video_to_video import Cosmos3VideoToVideoPipeline
 from .world_action import ActionRequest, Cosmos3WorldActionPipeline
 
@@ -17,5 +18,6 @@ __all__ = [
     "Cosmos3TextOutput",
     "Cosmos3TextToImagePipeline",
     "Cosmos3TextToVideoPipeline",
+    "Cosmos3TransferPipeline",
     "Cosmos3VideoToVideoPipeline",
 ]

@@ -23,6 +23,9 @@ from dataclasses import dataclass
 
 SYSTEM_PROMPT_IMAGE = "You are a helpful assistant who will generate images from a give prompt."
 SYSTEM_PROMPT_VIDEO = "You are a helpful assistant who will generate videos from a give prompt."
+# Transfer (control-conditioned video): the prompt goes in verbatim under this system prompt, no metadata sentences.
+SYSTEM_PROMPT_TRANSFER = ("You are a helpful assistant that generates images or videos following the user's "
+                          "instructions and control signals (edge maps, blur, depth, or segmentation).")
 DURATION_TEMPLATE = "The video is {duration:.1f} seconds long and is of {fps:.0f} FPS."
 INVERSE_DURATION_TEMPLATE = "The video is not {duration:.1f} seconds long and is not of {fps:.0f} FPS."
 RESOLUTION_TEMPLATE = "This {kind} is of {height}x{width} resolution."
@@ -52,6 +55,7 @@ class PromptSettings:
         add_resolution_template, add_duration_template: append those sentences (inverse ones to the negative).
         action_mode: one of `ACTION_MODES` to use the structured action caption instead of the sentences.
         action_view_point: a key of `ACTION_VIEWPOINTS` (or None: no framing field).
+        system_prompt: replaces the image/video system prompt (transfer uses `SYSTEM_PROMPT_TRANSFER`).
     """
 
     num_frames: int = 189
@@ -63,6 +67,7 @@ class PromptSettings:
     add_duration_template: bool = True
     action_mode: str | None = None
     action_view_point: str | None = "ego_view"
+    system_prompt: str | None = None
 
     def __post_init__(self):
         for name in ("num_frames", "height", "width"):
@@ -138,7 +143,7 @@ def special_ids(tokenizer) -> tuple[int, int]:
 def _conversation(text: str, settings: PromptSettings) -> list[dict]:
     messages = []
     if settings.use_system_prompt:
-        system = SYSTEM_PROMPT_IMAGE if settings.num_frames == 1 else SYSTEM_PROMPT_VIDEO
+        system = settings.system_prompt or (SYSTEM_PROMPT_IMAGE if settings.num_frames == 1 else SYSTEM_PROMPT_VIDEO)
         messages.append({"role": "system", "content": system})
     messages.append({"role": "user", "content": text})
     return messages
