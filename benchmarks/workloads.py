@@ -31,6 +31,10 @@ Workloads:
   480p, 93 frames.
 * `policy`: one action chunk (DROID 256 tier, chunk 32) at 4 steps, guidance 1, from a fresh observation. Full
   size: Edge.
+* `transfer`: control-conditioned video end to end with edge + blur hints, text guidance 6 and control guidance
+  1.5 (three branches per step), two windows. Reference: diffusers' modular `Cosmos3OmniBlocks` (its transfer
+  branch), which runs each branch as its own forward; ours batches the branches. Small: 17x256x448, windows of 9
+  frames; full: 480p, 61 frames in windows of 29.
 
 Columns: median seconds after a warm-up; peak memory above the pre-run baseline (CUDA: `max_memory_allocated`;
 CPU: resident set size sampled every 2 ms); the ratio ours / reference (below 1 is faster) ; MFU: model FLOPs of
@@ -73,7 +77,7 @@ from cosmos3.models.transformer_cosmos3 import COSMOS3_PRESETS
 from cosmos3.testing import make_tiny_vae, randomize_, reference_inputs, reference_transformer
 from cosmos3.tokenizers.text import build_tiny_tokenizer
 
-WORKLOADS = ("t2v-step", "t2i", "t2v-distilled", "i2v", "policy")
+WORKLOADS = ("t2v-step", "t2i", "t2v-distilled", "i2v", "policy", "transfer")
 # The released Wan 2.2 VAE (48 latent channels, 16x spatial, 4x temporal), randomly initialised.
 WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
                  temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
@@ -385,7 +389,40 @@ def pipeline_rows(args, model, theirs, ours, check: bool):
     return rows, diff
 
 
-RUNNERS = {"t2v-step": t2v_step, "t2i": t2i, "t2v-distilled": t2v_distilled, "i2v": i2v, "policy": policy}
+def transfer(args):
+    from diffusers.modular_pipelines.cosmos import Cosmos3OmniBlocks, Cosmos3OmniModularPipeline
+
+    from cosmos3.pipelines import Cosmos3TransferPipeline
+
+    parts, _, model = build_pipelines(args, "nano")
+    pipe = Cosmos3TransferPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    reference = Cosmos3OmniModularPipeline(blocks=Cosmos3OmniBlocks(), config_dict={"enable_safety_checker": False})
+    reference.update_components(transformer=reference_transformer(model, share_weights=True),
+                                vae=copy.deepcopy(parts["vae"]), text_tokenizer=parts["text_tokenizer"],
+                                scheduler=copy.deepcopy(parts["scheduler"]))
+    stack = [reference._blocks]
+    while stack:  # the modular pipeline's own switch reaches only its top-level blocks
+        block = stack.pop()
+        if hasattr(block, "set_progress_bar_config"):
+            block.set_progress_bar_config(disable=True)
+        stack += list(getattr(block, "sub_blocks", {}).values())
+    frames, window = (61, 29) if args.size == "full" else (args.frames or 17, 9)
+    height, width = (480, 832) if args.size == "full" else (256, 448)
+    g = gen(1)
+    edge = (torch.rand(frames, 1, height, width, generator=g) > 0.9).float().expand(-1, 3, -1, -1).contiguous()
+    blur = torch.nn.functional.interpolate(torch.rand(frames, 3, height // 16, width // 16, generator=g),
+                                           size=(height, width), mode="bilinear").clamp(0, 1)
+    common = dict(control_videos={"edge": edge, "blur": blur}, height=height, width=width,
+                  num_inference_steps=args.steps or 35, guidance_scale=6.0, control_guidance=1.5,
+                  num_video_frames_per_chunk=window, output_type="np")
+    theirs = lambda: reference(prompt=PROMPT, generator=gen(), output="videos", **common)  # noqa: E731
+    ours = lambda: pipe(PROMPT, generator=gen(), **common).frames[0]  # noqa: E731
+    return pipeline_rows(args, model, theirs, ours, check=True)
+
+
+RUNNERS = {"t2v-step": t2v_step, "t2i": t2i, "t2v-distilled": t2v_distilled, "i2v": i2v, "policy": policy,
+           "transfer": transfer}
 
 
 def main() -> None:

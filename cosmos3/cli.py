@@ -7,6 +7,8 @@
     cosmos3 generate --task i2v --model ./Cosmos3-Nano --prompt "..." --image first.png --out clip.mp4
     cosmos3 generate --task policy --model ./Cosmos3-Nano-Policy-DROID --prompt "open the drawer" --image obs.png \
         --domain droid_lerobot --chunk 16 --out rollout.mp4          # also writes rollout.json with the actions
+    cosmos3 generate --task transfer --model ./Cosmos3-Nano --prompt "a snowy street" --video in.mp4 \
+        --control edge,blur --control-video depth=depth.mp4 --out snowy.mp4   # edge and blur computed from in.mp4
 
 Outputs: `.png` for t2i, `.mp4` (with sound when `--sound`) for video tasks, and a `.json` next to it with the
 actions of policy / inverse dynamics.
@@ -19,7 +21,8 @@ import json
 import os
 import sys
 
-TASKS = ("t2i", "t2v", "i2v", "v2v", "policy", "forward-dynamics", "inverse-dynamics")
+TASKS = ("t2i", "t2v", "i2v", "v2v", "transfer", "policy", "forward-dynamics", "inverse-dynamics")
+COMPUTED_HINTS = ("edge", "blur")  # transfer hints computed from --video; the others come as --control-video
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--out", required=True, help="output path (.png for t2i, .mp4 otherwise)")
     g.add_argument("--image", help="conditioning image (i2v, policy, forward-dynamics)")
-    g.add_argument("--video", help="conditioning video (v2v, inverse-dynamics)")
+    g.add_argument("--video", help="conditioning video (v2v, inverse-dynamics; transfer: the source of --control)")
+    g.add_argument("--control", default=None,
+                   help="transfer: hints computed from --video, comma-separated among " + ", ".join(COMPUTED_HINTS))
+    g.add_argument("--control-video", action="append", default=[], metavar="NAME=PATH",
+                   help="transfer: a hint clip given as a file (depth, seg, wsm, or edge/blur made elsewhere); repeat")
+    g.add_argument("--control-guidance", type=float, default=None, help="transfer: guidance of the control axis")
+    g.add_argument("--chunk-frames", type=int, default=None,
+                   help="transfer: frames per window for long clips (default: one window)")
     g.add_argument("--actions", help="JSON file with a [T, D] list of actions (forward-dynamics)")
     g.add_argument("--domain", help="embodiment for action tasks, e.g. droid_lerobot")
     g.add_argument("--chunk", type=int, default=16, help="actions per chunk (action tasks)")
@@ -118,6 +128,7 @@ def generate(args: argparse.Namespace) -> dict:
         Cosmos3ImageToVideoPipeline,
         Cosmos3TextToImagePipeline,
         Cosmos3TextToVideoPipeline,
+        Cosmos3TransferPipeline,
         Cosmos3VideoToVideoPipeline,
         Cosmos3WorldActionPipeline,
     )
@@ -141,6 +152,7 @@ def generate(args: argparse.Namespace) -> dict:
         recommended = read_call_defaults(args.model)
     except ValueError as e:
         _fail(str(e))
+    frames_given = args.frames  # transfer: the clip's length unless --frames is given
     fallback = {"num_frames": 33, "height": 480, "width": 832, "fps": 24.0}
     for arg, key in (("frames", "num_frames"), ("height", "height"), ("width", "width"), ("fps", "fps")):
         if getattr(args, arg) is None:
@@ -150,6 +162,7 @@ def generate(args: argparse.Namespace) -> dict:
             setattr(args, arg, recommended[key])
     needs = {"i2v": "image", "policy": "image", "forward-dynamics": "image", "v2v": "video",
              "inverse-dynamics": "video"}
+    hints = _transfer_hints(args) if args.task == "transfer" else {}
     if args.task in needs and getattr(args, needs[args.task]) is None:
         _fail(f"--task {args.task} needs --{needs[args.task]}")
     action_task = args.task in ("policy", "forward-dynamics", "inverse-dynamics")
@@ -163,7 +176,8 @@ def generate(args: argparse.Namespace) -> dict:
     # Read every input before loading the model (minutes on a real checkpoint); frames go in as PIL images, which
     # every preprocessing path reads as 0..255.
     image = Image.fromarray(cio.read_image(args.image)) if args.image else None
-    frames_in = [Image.fromarray(f) for f in cio.read_video(args.video).frames] if args.video else None
+    frames_in = ([Image.fromarray(f) for f in cio.read_video(args.video).frames]
+                 if args.video and args.task != "transfer" else None)
     actions = None
     if args.actions:
         try:
@@ -185,7 +199,7 @@ def generate(args: argparse.Namespace) -> dict:
     except ValueError as e:
         _fail(f"--attention: {e}")
     classes = {"t2i": Cosmos3TextToImagePipeline, "t2v": Cosmos3TextToVideoPipeline, "i2v": Cosmos3ImageToVideoPipeline,
-               "v2v": Cosmos3VideoToVideoPipeline}
+               "v2v": Cosmos3VideoToVideoPipeline, "transfer": Cosmos3TransferPipeline}
     cls = classes.get(args.task, Cosmos3WorldActionPipeline)
     try:
         pipe = cls.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device)
@@ -204,7 +218,12 @@ def generate(args: argparse.Namespace) -> dict:
         out = pipe(args.prompt, height=args.height, width=args.width, **common)
         cio.write_image(args.out, (out.images[0] * 255).round().astype(np.uint8))
         return {"out": args.out}
-    if args.task == "t2v":
+    if args.task == "transfer":
+        out = pipe(
+            args.prompt, control_videos=hints, num_frames=frames_given, height=args.height, width=args.width,
+            fps=args.fps, num_video_frames_per_chunk=args.chunk_frames,
+            **({} if args.control_guidance is None else {"control_guidance": args.control_guidance}), **common)
+    elif args.task == "t2v":
         out = pipe(args.prompt, **video, **common)
     elif args.task == "i2v":
         out = pipe(image, args.prompt, **video, **common)
@@ -222,6 +241,45 @@ def generate(args: argparse.Namespace) -> dict:
         cio.atomic_write_json(actions_path, out.action[0].tolist(), indent=None)
         result["actions"] = actions_path
     return result
+
+
+def _transfer_hints(args: argparse.Namespace) -> dict:
+    """The hint clips of `--task transfer` as uint8 `[T, H, W, 3]` arrays: `--control` maps computed from `--video`,
+    `--control-video NAME=PATH` read from files; every clip at the same size and frame rate."""
+    from . import io as cio
+    from .pipelines.transfer import HINTS
+
+    computed = [h for h in (args.control or "").split(",") if h]
+    bad = [h for h in computed if h not in COMPUTED_HINTS]
+    if bad:
+        _fail(f"--control {args.control!r}: {bad} cannot be computed here; valid: {list(COMPUTED_HINTS)} (give "
+              "depth, seg or wsm clips with --control-video NAME=PATH)")
+    clips, rates = {}, {}
+    if computed:
+        if args.video is None:
+            _fail("--control computes its maps from --video; give --video IN.mp4")
+        from .tokenizers.control import blur_map, edge_map
+
+        source = cio.read_video(args.video)
+        for name in computed:
+            clips[name] = (edge_map if name == "edge" else blur_map)(source.frames)
+            rates[name] = source.fps
+    for item in args.control_video:
+        name, _, path = item.partition("=")
+        if name not in HINTS or not path:
+            _fail(f"--control-video {item!r}: expected NAME=PATH with NAME among {list(HINTS)}")
+        if name in clips:
+            _fail(f"--control-video {name!r} is given twice (or also computed by --control)")
+        clip = cio.read_video(path)
+        clips[name], rates[name] = clip.frames, clip.fps
+    if not clips:
+        _fail("--task transfer needs hints: --control edge[,blur] with --video, and/or --control-video NAME=PATH")
+    sizes = {name: clip.shape[1:3] for name, clip in clips.items()}
+    if len(set(sizes.values())) > 1:
+        _fail(f"the hint clips differ in size (height, width): {sizes}; make them from the same source clip")
+    if len({round(r, 3) for r in rates.values()}) > 1:
+        _fail(f"the hint clips differ in frame rate: {rates}; make them from the same source clip")
+    return clips
 
 
 def _make_policy(path: str, args: argparse.Namespace):

@@ -101,7 +101,8 @@ def launch(model_folder: str | None = None, host: str = DEFAULT_HOST, port: int 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     """The `cosmos3 demo` / `demos/app.py` options (gradio is not imported here)."""
     parser.add_argument("--model", default=None,
-                        help="checkpoint folder (default: Cosmos3-Tiny, the small trained model shipped in the package)")
+                        help="checkpoint folder (default: Cosmos3-Tiny, the small trained model shipped in the "
+                             "package)")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it, no login)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_SEED = 2**31 - 1  # fits a JavaScript number and gr.Number exactly
-TABS = ("text_to_image", "image_to_video", "world_action", "text")
+TABS = ("text_to_image", "image_to_video", "transfer", "world_action", "text")
+TRANSFER_HINTS = ("edge", "blur")  # the hints the transfer tab computes from the uploaded clip
 _OUTPUT_MAX_AGE_S = 3600.0
 _MESSAGE_CHARS = 300
 
@@ -247,6 +248,7 @@ class DemoApp:
             Cosmos3ImageToVideoPipeline,
             Cosmos3TextGenerationPipeline,
             Cosmos3TextToImagePipeline,
+            Cosmos3TransferPipeline,
             Cosmos3WorldActionPipeline,
         )
 
@@ -276,11 +278,15 @@ class DemoApp:
         self.t2i = base
         self.temporal_factor = int(base.vae.config.scale_factor_temporal)  # frames = 1 + k * this
         self.i2v = build(Cosmos3ImageToVideoPipeline)
+        self.transfer_pipe = build(Cosmos3TransferPipeline)
         transformer, tokenizer = base.transformer, base.text_tokenizer
         self.distilled_steps = len(flags["distilled_sigmas"]) if flags["distilled_sigmas"] else None
 
         # What the checkpoint can do: None when the tab works, else why not.
         self.unavailable: dict[str, str | None] = dict.fromkeys(TABS)
+        if self.distilled_steps is not None:
+            self.unavailable["transfer"] = ("This is a distilled (few-step) checkpoint: transfer runs on the "
+                                            "many-step sampler, as the reference's does.")
         self.action = None
         self.policy = None
         self.normalizer = None
@@ -392,6 +398,43 @@ class DemoApp:
                        guidance_scale=guidance, generator=self._generator(seed), output_type="pil",
                        callback_on_step_end=_step_callback(progress, "denoising"))
         return out.images[0]
+
+    @user_facing_errors
+    def transfer(self, video: Any, prompt: Any, negative_prompt: Any, hints: Any, steps: Any, guidance: Any,
+                 seed: Any, height: Any, width: Any, progress: Callable | None = None) -> tuple[str, str]:
+        """The control maps of the uploaded clip and the video that follows them; returns both mp4 paths (the maps
+        side by side, left to right in `hints` order)."""
+        import numpy as np
+
+        from .. import io as cio
+        from ..tokenizers.control import blur_map, edge_map
+
+        self._require("transfer")
+        if not isinstance(video, (str, os.PathLike)) or not os.path.isfile(video):
+            raise _refuse("Upload a video clip to take the control maps from.")
+        names = [hints] if isinstance(hints, str) else list(hints or [])
+        bad = [h for h in names if h not in TRANSFER_HINTS]
+        if not names or bad:
+            raise _refuse(f"Pick at least one control map among {list(TRANSFER_HINTS)}" +
+                          (f"; {bad} are not available here." if bad else "."))
+        prompt = self._prompt(prompt)
+        negative = self._prompt(negative_prompt, "Negative prompt", required=False)
+        steps, guidance, seed = self._steps(steps), self._guidance(guidance), self._seed(seed)
+        height, width = self._size(height, width)
+        try:
+            clip = cio.read_video(video, max_frames=self.limits.max_frames)
+        except cio.MediaDecodeError as e:
+            raise _refuse(f"The clip could not be read: {_short(str(e))}") from None
+        frames = clip.frames[: 1 + (len(clip.frames) - 1) // self.temporal_factor * self.temporal_factor]
+        maps = {name: (edge_map if name == "edge" else blur_map)(frames) for name in names}
+        out = self.transfer_pipe(prompt, control_videos=maps, negative_prompt=negative, height=height, width=width,
+                                 fps=float(clip.fps), num_inference_steps=steps, guidance_scale=guidance,
+                                 generator=self._generator(seed), output_type="np",
+                                 callback_on_step_end=_step_callback(progress, "denoising"))
+        maps_path, video_path = self._output_path(".mp4"), self._output_path(".mp4")
+        cio.write_video(maps_path, np.concatenate([maps[n] for n in names], axis=2), float(clip.fps))
+        out.save(video_path, float(clip.fps))
+        return maps_path, video_path
 
     @user_facing_errors
     def image_to_video(self, image: Any, prompt: Any, negative_prompt: Any, frames: Any, steps: Any, guidance: Any,

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .handlers import MAX_SEED, DemoApp, DemoLimits, _gradio
+from .handlers import MAX_SEED, TRANSFER_HINTS, DemoApp, DemoLimits, _gradio
 from .plotting import draw_landscape, draw_tabletop
 
 if TYPE_CHECKING:
@@ -180,6 +180,31 @@ def build_page(app: DemoApp) -> gr.Blocks:
 
             button.click(i2v, [image_in, prompt, negative, frames, steps, guidance, seed, height, width, fps],
                          video_out, api_name="image_to_video", **run)
+
+        with gr.Tab("Transfer", id="transfer"):
+            if not unavailable("transfer"):
+                with gr.Row():
+                    with gr.Column():
+                        clip_in = gr.Video(label="Source clip (the control maps are taken from it)",
+                                           sources=["upload"], elem_id="transfer-clip")
+                        prompt = gr.Textbox(label="Prompt", lines=2, max_length=lim.max_prompt_chars,
+                                            elem_id="transfer-prompt")
+                        negative = gr.Textbox(label="Negative prompt", max_length=lim.max_prompt_chars)
+                        hints = gr.CheckboxGroup(list(TRANSFER_HINTS), value=["edge"], label="Control maps",
+                                                 elem_id="transfer-hints")
+                        height, width, steps, guidance, seed = sampling_controls("transfer")
+                        button = gr.Button("Generate video", variant="primary", elem_id="transfer-run")
+                    with gr.Column():
+                        maps_out = gr.Video(label="Control maps", interactive=False, elem_id="transfer-maps")
+                        video_out = gr.Video(label="Result", interactive=False, elem_id="transfer-video")
+
+                def transfer(clip, prompt, negative, hints, steps, guidance, seed, height, width,
+                             progress=step_progress):
+                    return app.transfer(clip, prompt, negative, hints, steps, guidance, seed, height, width,
+                                        progress)
+
+                button.click(transfer, [clip_in, prompt, negative, hints, steps, guidance, seed, height, width],
+                             [maps_out, video_out], api_name="transfer", **run)
 
         with gr.Tab("World action", id="world_action"):
             if not unavailable("world_action"):

@@ -4,6 +4,7 @@ a real headless Chromium (Debian's, driven by Playwright)."""
 import json
 import math
 import os
+import re
 import runpy
 import socket
 import subprocess
@@ -143,6 +144,40 @@ def test_image_to_video_writes_an_mp4(demo_app):
     assert path.endswith(".mp4") and path.startswith(demo_app.workdir)
     video = read_video(path)
     assert video.frames.shape[:3] == (5, 32, 32)
+
+
+def test_transfer_tab_shows_the_maps_and_the_video_that_follows_them(demo_app, tmp_path):
+    from cosmos3.io import read_video, write_video
+    from cosmos3.tokenizers.control import edge_map
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+    source = np.concatenate([np.roll(base, 3 * i, axis=1) for i in range(6)])  # 6 frames: cut to 5 = 1 + 4k
+    write_video(tmp_path / "in.mp4", source, 8)
+    maps, video = demo_app.transfer(str(tmp_path / "in.mp4"), "a snowy street", None, ["edge", "blur"], 2, 6.0, 0,
+                                    32, 32)
+    assert maps.startswith(demo_app.workdir) and video.startswith(demo_app.workdir)
+    shown, result = read_video(maps), read_video(video)
+    assert shown.frames.shape[:3] == (5, 32, 64)  # the two maps side by side
+    assert result.frames.shape[:3] == (5, 32, 32)
+    decoded = read_video(tmp_path / "in.mp4").frames[:5]
+    edges = edge_map(decoded)
+    # the left half of the shown maps is the edge map of the clip (to the mp4's lossy coding)
+    assert np.abs(shown.frames[:, :, :32].astype(float) - edges.astype(float)).mean() < 40
+
+
+@pytest.mark.parametrize("args,message", [
+    ((None, "x", None, ["edge"]), "Upload a video clip"),
+    (("CLIP", "x", None, []), "Pick at least one control map"),
+    (("CLIP", "x", None, ["depth"]), "['depth'] are not available here"),
+])
+def test_transfer_tab_refuses_bad_input(demo_app, tmp_path, args, message):
+    from cosmos3.io import write_video
+
+    write_video(tmp_path / "in.mp4", np.zeros((5, 32, 32, 3), np.uint8), 8)
+    args = tuple(str(tmp_path / "in.mp4") if a == "CLIP" else a for a in args)
+    with pytest.raises(Exception, match=re.escape(message)):
+        demo_app.transfer(*args, 2, 6.0, 0, 32, 32)
 
 
 def test_world_action_returns_plot_video_and_actions_in_robot_units(demo_app):

@@ -98,3 +98,41 @@ def test_video_to_video_and_bad_model_folder(model_dir, tmp_path, capsys):
         cli.main(["generate", "--task", "t2i", "--model", str(empty), "--prompt", "x", "--out",
                   str(tmp_path / "a.png")])
     assert "not a readable Cosmos 3 checkpoint folder" in capsys.readouterr().err
+
+
+def _clip(path, frames=9, seed=0, fps=16):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (1, 32, 48, 3), dtype=np.uint8)
+    video = np.concatenate([np.roll(base, 2 * i, axis=2) for i in range(frames)])  # a moving pattern
+    cio.write_video(path, video, fps)
+    return path
+
+
+def test_transfer_from_given_hint_clips_and_computed_edges(model_dir, tmp_path):
+    source, depth = _clip(tmp_path / "in.mp4"), _clip(tmp_path / "depth.mp4", seed=1)
+    out = tmp_path / "out.mp4"
+    cli.main(["generate", "--task", "transfer", "--model", model_dir, "--prompt", "a snowy street", "--video",
+              str(source), "--control", "edge,blur", "--control-video", f"depth={depth}", "--chunk-frames", "5",
+              "--out", str(out), *COMMON])
+    assert cio.read_video(out).frames.shape == (9, 32, 48, 3)  # the clip's length, in two windows
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--control", "depth"], "cannot be computed here"),
+    (["--control", "edge"], "computes its maps from --video"),
+    (["--control-video", "canny=x.mp4"], "expected NAME=PATH with NAME among"),
+    ([], "needs hints"),
+])
+def test_transfer_errors(model_dir, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", "--task", "transfer", "--model", model_dir, "--prompt", "x", "--out",
+                  str(tmp_path / "o.mp4"), *COMMON, *extra])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_transfer_hints_must_share_size_and_rate(model_dir, tmp_path, capsys):
+    a, b = _clip(tmp_path / "a.mp4"), _clip(tmp_path / "b.mp4", fps=24)
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--task", "transfer", "--model", model_dir, "--prompt", "x", "--out",
+                  str(tmp_path / "o.mp4"), "--control-video", f"depth={a}", "--control-video", f"seg={b}", *COMMON])
+    assert "differ in frame rate" in capsys.readouterr().err
