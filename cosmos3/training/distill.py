@@ -210,6 +210,10 @@ class Distiller:
         if item.sound_length or item.action is not None:
             raise ValueError("Distillation generates vision only (the distilled pipeline path refuses sound and "
                              "actions); this request has sound or actions.")
+        if item.control is not None:
+            raise ValueError(f"Distillation does not take transfer requests: this one has `control` clips (shape "
+                             f"{tuple(item.control.shape)}), and there is no distilled transfer pipeline (nor one in "
+                             f"the reference) to sample them; give requests without `control`.")
         if item.negative_ids is None:
             if self.negative_ids is None and self.config.guidance_scale != 1.0:
                 raise ValueError("This request carries no negative prompt (`negative_ids`): pass `negative_ids` to "

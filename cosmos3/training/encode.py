@@ -8,13 +8,18 @@ reason. So `ExampleEncoder` reuses the pipelines' own pieces rather than re-impl
   duration and resolution sentences; for world-action modes the structured action caption on the canvas size);
 * **t2i / t2v / i2v frames**: `preprocess_image` per frame (aspect-preserving cover resize, centre crop, 8-bit
   quantization), which is what `Cosmos3ImageToVideoPipeline` does to its image; i2v marks latent frame 0 clean;
+* **transfer**: the hints Cosmos-Transfer computes from the clip (`edge_map`, `blur_map`), each resized by the
+  pipeline's `VideoProcessor` (`preprocess_video`, PIL bilinear, no crop), rounded to the transformer's dtype and
+  encoded on its own, as `Cosmos3TransferPipeline` takes `control_videos`; the target goes through the same resize
+  (the pipeline's path for its `video`), so it lines up with its hints pixel for pixel; the caption under the
+  transfer system prompt without duration or resolution sentences;
 * **world-action frames**: the cameras tiled side by side into one frame, then `action_canvas` (the resolution
   tier's canvas, downscaled, padded right/bottom) and the latents cropped back to the content, as
   `Cosmos3WorldActionPipeline` does; which latent frames and action tokens are clean follows the mode's table;
 * **actions**: normalized with the dataset's `ActionNormalizer`, zero-padded to the model's `action_dim`, with the
   embodiment's domain id and raw width (the trainer masks the loss beyond it).
 
-Everything stochastic (the mode of `task="mixed"`, caption dropout) is drawn from a generator keyed by
+Everything stochastic (the mode of `task="mixed"`, caption dropout, control dropout) is drawn from a generator keyed by
 (`seed`, the sample's episode and first frame, or its file path), so an example is the same in every worker, every
 run and after a resume. Encoding runs where the VAE is (CPU by default, inside `DataLoaderWithSkips` workers);
 the encoder is a plain picklable object.
@@ -49,20 +54,32 @@ from ..conditioning import (
     tile_cameras,
 )
 from ..io import MediaDecodeError
+from ..pipelines.transfer import HINTS
 from ..tokenizers.action import (
     ACTION_DIM,
     EMBODIMENT_TO_RAW_ACTION_DIM,
     ActionNormalizer,
     get_embodiment,
 )
-from ..tokenizers.text import ACTION_VIEWPOINTS, PromptSettings, encode_prompts, load_text_tokenizer, special_ids
-from ..tokenizers.vision import Cosmos3VisionTokenizer, preprocess_image
+from ..tokenizers.control import blur_map, edge_map
+from ..tokenizers.text import (
+    ACTION_VIEWPOINTS,
+    SYSTEM_PROMPT_TRANSFER,
+    PromptSettings,
+    encode_prompts,
+    load_text_tokenizer,
+    special_ids,
+)
+from ..tokenizers.vision import Cosmos3VisionTokenizer, preprocess_image, preprocess_video
 
 VISION_TASKS = ("t2i", "t2v", "i2v")
 WORLD_ACTION_TASKS = (*ACTION_MODES, "mixed")
-TASKS = (*VISION_TASKS, *WORLD_ACTION_TASKS)
-# Keys of the per-sample generator, so the mode draw and the dropout draw are independent.
-_MODE_STREAM, _DROPOUT_STREAM = 1, 2
+TASKS = (*VISION_TASKS, "transfer", *WORLD_ACTION_TASKS)
+# The transfer hints a clip gives by itself (Cosmos-Transfer's on-the-fly maps, at their inference presets); depth,
+# segmentation and world-scenario maps come from other models or simulators.
+CLIP_HINTS = {"edge": edge_map, "blur": blur_map}
+# Keys of the per-sample generator, so the mode draw and the dropout draws are independent.
+_MODE_STREAM, _DROPOUT_STREAM, _CONTROL_DROPOUT_STREAM = 1, 2, 3
 
 
 class UnusableSampleError(MediaDecodeError):
@@ -140,7 +157,13 @@ class ExampleEncoder:
             (defaults: the pipelines' defaults).
         caption_dropout: probability of training a sample on the unconditional prompt ids (what the pipeline's
             guidance pass feeds), keeping classifier-free guidance working after fine-tuning.
-        seed: keys the per-sample draws (mixed mode, caption dropout).
+        hints: `task="transfer"`: the control clips computed from each clip, among `CLIP_HINTS` (default
+            `("edge",)`); laid out in the pipeline's order (edge, blur) whatever the order given.
+        control_dropout: `task="transfer"`: probability of training a sample without its hints (what the
+            pipeline's "no control" pass feeds when `control_guidance` != 1), so control guidance stays meaningful.
+        control_dtype: `task="transfer"`: the dtype of the transformer the pipeline will run; it rounds hint pixels
+            to it before encoding (default: the VAE's dtype, as for a pipeline loaded in one dtype).
+        seed: keys the per-sample draws (mixed mode, caption dropout, control dropout).
         device: where the VAE encodes (default CPU: encoding runs in the data-loader workers).
 
     | task | prompt | clean vision latent frames | actions (clean tokens) |
@@ -148,6 +171,7 @@ class ExampleEncoder:
     | `t2i` | caption, image sentences | none (1 frame) | none |
     | `t2v` | caption, video sentences | none | none |
     | `i2v` | caption, video sentences | frame 0 | none |
+    | `transfer` | caption, transfer system prompt | none (the hints: `control`, all clean) | none |
     | `policy` | action caption | frame 0 | all generated |
     | `forward_dynamics` | action caption | frame 0 | all clean |
     | `inverse_dynamics` | action caption | all | all generated |
@@ -178,6 +202,9 @@ class ExampleEncoder:
         add_resolution_template: bool = True,
         add_duration_template: bool = True,
         caption_dropout: float = 0.0,
+        hints: Sequence[str] | str | None = None,
+        control_dropout: float = 0.0,
+        control_dtype: torch.dtype | None = None,
         seed: int = 0,
         device: str | torch.device = "cpu",
     ) -> None:
@@ -205,7 +232,7 @@ class ExampleEncoder:
         check_num_frames(num_frames, tf)
         if task == "t2i" and num_frames != 1:
             raise ValueError(f"`num_frames` must be 1 for task 't2i' (use task 't2v' for videos), got {num_frames}.")
-        if task != "t2i" and num_frames == 1:
+        if task not in ("t2i", "transfer") and num_frames == 1:  # transfer follows hints of one frame too
             raise ValueError(f"`num_frames` must be > 1 for task {task!r} (1 frame is an image: task 't2i').")
         self.num_frames = int(num_frames)
 
@@ -303,11 +330,46 @@ class ExampleEncoder:
             raise ValueError(f"`caption_dropout` must be a number in [0, 1), got {caption_dropout!r}.")
         if not _is_int(seed) or seed < 0:
             raise ValueError(f"`seed` must be an int >= 0, got {seed!r}.")
+        self.hints, self.control_dropout, self.control_dtype = self._check_transfer_options(
+            task, hints, control_dropout, control_dtype)
         self.fps = None if fps is None else float(fps)
         self.use_system_prompt = use_system_prompt
         self.add_resolution_template, self.add_duration_template = add_resolution_template, add_duration_template
         self.caption_dropout, self.seed = float(caption_dropout), int(seed)
         self.device = torch.device(device)
+
+    @staticmethod
+    def _check_transfer_options(task: str, hints, control_dropout, control_dtype):
+        if task != "transfer":
+            given = {"hints": hints, "control_dtype": control_dtype}
+            extra = [k for k, v in given.items() if v is not None] + (["control_dropout"] if control_dropout else [])
+            if extra:
+                raise ValueError(f"{extra} only apply to task 'transfer', not {task!r}.")
+            return None, 0.0, None
+        if hints is None:
+            hints = ("edge",)
+        elif isinstance(hints, str):
+            hints = (hints,)
+        if not isinstance(hints, Sequence) or not hints or not all(isinstance(h, str) for h in hints):
+            raise TypeError(f"`hints` must be a non-empty tuple of hint names among {list(CLIP_HINTS)}, got "
+                            f"{hints!r}.")
+        unknown = [h for h in hints if h not in CLIP_HINTS]
+        if unknown:
+            other = [h for h in unknown if h in HINTS]
+            why = f" ({other} are not computable from the clip: give them to the pipeline instead)" if other else ""
+            raise ValueError(f"`hints` has {unknown}{why}; valid (computable from the clip): {list(CLIP_HINTS)}.")
+        if len(set(hints)) != len(hints):
+            raise ValueError(f"`hints` names a hint twice: {list(hints)}.")
+        if isinstance(control_dropout, bool) or not isinstance(control_dropout, numbers.Real) or not (
+            0 <= control_dropout < 1
+        ):
+            raise ValueError(f"`control_dropout` must be a number in [0, 1), got {control_dropout!r}.")
+        if control_dtype is not None and (not isinstance(control_dtype, torch.dtype)
+                                          or not control_dtype.is_floating_point):
+            raise TypeError(f"`control_dtype` must be a floating torch.dtype (the transformer's) or None, got "
+                            f"{control_dtype!r}.")
+        # the pipeline's order (`HINTS`), whatever the order given: a hint's place in the layout is part of it
+        return tuple(h for h in HINTS if h in hints), float(control_dropout), control_dtype
 
     # ------------------------------------------------------------------------------------------------ loading
 
@@ -357,6 +419,8 @@ class ExampleEncoder:
         with torch.no_grad():
             if self.task in WORLD_ACTION_TASKS:
                 return self._world_action(sample, self.mode_of(sample))
+            if self.task == "transfer":
+                return self._transfer(sample)
             return self._vision(sample)
 
     def _vision(self, sample: Mapping[str, Any]) -> Cosmos3Request:
@@ -374,6 +438,34 @@ class ExampleEncoder:
             self._prompt_ids(sample, settings), vision=latents,
             vision_condition_frames=(0,) if self.task == "i2v" else (), fps=fps if n > 1 else None,
         )
+
+    def _transfer(self, sample: Mapping[str, Any]) -> Cosmos3Request:
+        clip = self._clip(sample)[: self.num_frames]
+        # an image has no frame rate of its own: the pipeline's default, which a single frame's layout ignores
+        fps = self._fps(sample) if self.num_frames > 1 or self.fps is not None else 24.0
+        tokenizer = Cosmos3VisionTokenizer(self.vae)
+        vae_dtype = self.vae.dtype
+        # The target takes the pipeline's `video` path (VideoProcessor, no crop) so it lines up with the hints,
+        # which the pipeline resizes that way; a cover crop would shift it against them when the aspects differ.
+        target = preprocess_video(clip, height=self.height, width=self.width).to(self.device, vae_dtype)
+        latents = tokenizer.encode(target.contiguous())[0].float().cpu()
+        settings = PromptSettings(
+            num_frames=self.num_frames, height=self.height, width=self.width, fps=fps,
+            use_system_prompt=self.use_system_prompt, add_resolution_template=False, add_duration_template=False,
+            system_prompt=SYSTEM_PROMPT_TRANSFER,
+        )
+        ids = self._prompt_ids(sample, settings)
+        if self.control_dropout and self._rng(sample, _CONTROL_DROPOUT_STREAM).random() < self.control_dropout:
+            # the pipeline's "no control" pass: the transfer prompt over the target alone
+            return Cosmos3Request(ids, vision=latents, fps=fps)
+        dtype = self.control_dtype or vae_dtype
+        controls = []
+        for name in self.hints:
+            # `_preprocess_hint` of the pipeline on a uint8 map: PIL frames through its VideoProcessor, then the
+            # transformer's dtype; `_denoise_window` encodes each hint on its own
+            pixels = preprocess_video(CLIP_HINTS[name](clip), height=self.height, width=self.width)
+            controls.append(tokenizer.encode(pixels.to(self.device, dtype).contiguous()).float().cpu())
+        return Cosmos3Request(ids, vision=latents, fps=fps, control=torch.cat(controls).contiguous())
 
     def _world_action(self, sample: Mapping[str, Any], mode: str) -> Cosmos3Request:
         from PIL import Image
@@ -455,8 +547,8 @@ class ExampleEncoder:
             digest = hashlib.sha256(sample["path"].encode()).digest()
             key = [1, int.from_bytes(digest[:8], "little")]
         else:
-            raise ValueError("Per-sample draws (task 'mixed', caption dropout) need the sample's `episode_index` and "
-                             "`frame_index` (LeRobot) or `path` (folders).")
+            raise ValueError("Per-sample draws (task 'mixed', caption and control dropout) need the sample's "
+                             "`episode_index` and `frame_index` (LeRobot) or `path` (folders).")
         return np.random.default_rng([self.seed, stream, *key])
 
     @staticmethod
@@ -466,4 +558,4 @@ class ExampleEncoder:
         return str(sample.get("path", "sample"))
 
 
-__all__ = ["TASKS", "ExampleEncoder", "UnusableSampleError", "normalizer_from_stats"]
+__all__ = ["CLIP_HINTS", "TASKS", "ExampleEncoder", "UnusableSampleError", "normalizer_from_stats"]

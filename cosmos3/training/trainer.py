@@ -7,7 +7,8 @@
   (`encode_text` + `text_kv_cache`), so there is no separate training path through the model.
 * **Objective**: per sample a timestep from the recipe's distribution (shifted), `x_t = t*noise + (1-t)*x0` on the
   noisy frames/tokens, the velocity `noise - x0` as target, MSE masked to noisy frames, noisy action tokens and
-  the embodiment's raw action channels, modality weights from `cosmos3.flow`.
+  the embodiment's raw action channels, modality weights from `cosmos3.flow`. Transfer examples (`control`) put
+  their control latents clean before the noised target, as the transfer pipeline does; the loss reads the target.
 * **Scale-out** (`parallelism` = "ddp" or "fsdp" under `torchrun`): each rank takes an equal slice of the global
   batch; every sample's timestep and noise come from its own generator keyed by (seed, step, position in the
   global batch), and per-modality means are taken over the global batch, so N ranks compute the same loss and
@@ -233,7 +234,9 @@ class Trainer:
                 x0 = x0.float()
                 noise = torch.randn(x0.shape, generator=gen)
                 clean_mask = ex.clean_mask(name)
-                x_t[name].append(flow.add_noise(x0, noise, t_b, clean_mask=clean_mask).to(device, dtype))
+                noised = flow.add_noise(x0, noise, t_b, clean_mask=clean_mask).to(device, dtype)
+                # transfer: the control clips go in clean before the target (`to_sample` lays them out so)
+                x_t[name].append(ex.model_vision(noised) if name == "vision" else noised)
                 loss_mask = ex.loss_mask(name)
                 if loss_mask.any():
                     per_modality.setdefault(name, []).append((b, flow.velocity_target(x0, noise), loss_mask))
@@ -248,7 +251,10 @@ class Trainer:
                 action=x_t["action"] if any(x is not None for x in x_t["action"]) else None,
                 text_kv_cache=text_kv,
             )
-        predictions = {"vision": out.sample, "sound": out.sound, "action": out.action}
+        # the target is the last T frames of each vision prediction (transfer's control frames come first, are clean
+        # and carry no loss); for every other example that is the whole prediction
+        vision = [v[:, v.shape[1] - ex.vision_shape[1] :] for v, ex in zip(out.sample, examples)]
+        predictions = {"vision": vision, "sound": out.sound, "action": out.action}
         # samples per modality over the global batch (the same on every rank)
         names = list(flow.LOSS_WEIGHTS)
         counts = all_reduce_sum(torch.tensor([float(len(per_modality.get(m, ()))) for m in names]))

@@ -18,11 +18,13 @@ from cosmos3.pipelines import (
     Cosmos3ImageToVideoPipeline,
     Cosmos3TextToImagePipeline,
     Cosmos3TextToVideoPipeline,
+    Cosmos3TransferPipeline,
     Cosmos3WorldActionPipeline,
 )
 from cosmos3.testing import make_tiny_vae, randomize_, tiny_parts
 from cosmos3.tokenizers.action import ActionNormalizer
-from cosmos3.tokenizers.vision import Cosmos3VisionTokenizer, preprocess_image
+from cosmos3.tokenizers.control import blur_map, edge_map
+from cosmos3.tokenizers.vision import Cosmos3VisionTokenizer, preprocess_image, preprocess_video
 from cosmos3.training import TrainConfig, Trainer
 from cosmos3.training.datasets import DataLoaderWithSkips, FolderDataset, LeRobotDataset, LeRobotDatasetWriter
 from cosmos3.training.encode import ExampleEncoder, UnusableSampleError, normalizer_from_stats
@@ -102,12 +104,14 @@ def capture(pipeline_class, parts, *args, **kwargs):
     seen = {}
 
     def forward(layout, vision, timestep, sound=None, action=None, text_kv_cache=None, return_dict=True):
-        seen.update(layout=layout, vision=vision.float(), action=None if action is None else action.float())
+        # transfer passes one tensor per branch (control clips before the target), the others one batch
+        vision = [v.float() for v in vision] if isinstance(vision, list) else vision.float()
+        seen.update(layout=layout, vision=vision, action=None if action is None else action.float())
         raise Captured
 
     pipe.transformer.forward = forward
     with pytest.raises(Captured):
-        pipe(*args, num_inference_steps=2, output_type="latent", **kwargs)
+        pipe(*args, **{"num_inference_steps": 2, "output_type": "latent", **kwargs})
     return seen
 
 
@@ -119,17 +123,26 @@ def trainer_layout(model, example):
 def assert_same_conditioning(example, seen, model):
     """Same prompt ids, layout (positions, noisy frames and tokens, domain ids) and clean inputs as the pipeline."""
     pipe_layout, ours = seen["layout"], trainer_layout(model, example)
-    sample = pipe_layout.samples[0]
+    sample, expected = pipe_layout.samples[0], example.to_sample()
     assert list(example.text_ids) == list(sample.text_ids)
-    assert tuple(example.vision.shape[1:]) == tuple(sample.vision_shape)
-    assert example.vision_condition_frames == tuple(sample.vision_condition_frames)
+    # without control clips the vision segment is the example's own latents; with them `[controls | target]`
+    assert tuple(expected.vision_shape) == tuple(sample.vision_shape)
+    assert tuple(expected.vision_shape[1:]) == tuple(example.vision.shape[2:])
+    assert expected.vision_condition_frames == tuple(sample.vision_condition_frames)
+    assert expected.vision_items == sample.vision_items
     for name in ("text_ids", "und_position_ids", "gen_position_ids", "vision_noisy_index", "action_index",
                  "action_noisy_index", "action_domain_ids"):
         assert torch.equal(getattr(ours, name), getattr(pipe_layout, name)), name
     assert ours.vision_grids == pipe_layout.vision_grids
     clean = list(example.vision_condition_frames)
+    offset = 0
+    if example.control is not None:  # every control frame is given clean, first, in the pipeline's hint order
+        offset = example.control.shape[0] * example.vision.shape[1]
+        torch.testing.assert_close(torch.cat(list(example.control), dim=1), seen["vision"][0][:, :offset], rtol=0,
+                                   atol=1e-6)
     if clean:
-        torch.testing.assert_close(example.vision[:, clean], seen["vision"][0][:, clean], rtol=0, atol=1e-6)
+        given = [offset + f for f in clean]
+        torch.testing.assert_close(example.vision[:, clean], seen["vision"][0][:, given], rtol=0, atol=1e-6)
     if example.action is not None:
         assert sample.action_length == example.action.shape[0]
         assert example.action_condition_frames == tuple(sample.action_condition_frames)
@@ -187,6 +200,75 @@ def test_prompt_options_and_caption_dropout_follow_the_pipeline(parts, tiny_toke
     ids = [list(enc(s).text_ids) for s in samples[:12]]
     assert all(i in (cond, uncond) for i in ids) and cond in ids and uncond in ids
     assert ids == [list(enc(s).text_ids) for s in samples[:12]]  # keyed by the sample: the same every time
+
+
+# ------------------------------------------------------------------------------------------ transfer
+
+
+def transfer_capture(parts, caption, frames, hints, **kwargs):
+    """What the transfer pipeline feeds its transformer for `frames` with `hints` computed as the user would (the
+    maps of `cosmos3.tokenizers.control`, uint8, given as `control_videos`), without guidance passes."""
+    maps = {"edge": edge_map, "blur": blur_map}
+    controls = {name: maps[name](frames) for name in hints}
+    return capture(Cosmos3TransferPipeline, parts, caption, control_videos=controls, guidance_scale=1.0,
+                   output_type="pt", **kwargs)
+
+
+def test_transfer_matches_the_pipeline(parts, tiny_tokenizer, vae, folder_root, lerobot):
+    data = FolderDataset(folder_root, isolated=False)
+    video, size = data[1], dict(height=32, width=48)
+    # given blur first: both lay the hints out in the pipeline's order (edge, blur)
+    enc = ExampleEncoder(vae, tiny_tokenizer, task="transfer", hints=("blur", "edge"), num_frames=9, **size)
+    example = enc(video)
+    assert enc.hints == ("edge", "blur")
+    assert example.control.shape == (2, 8, 3, 2, 3) and example.vision.shape == (8, 3, 2, 3)
+    assert example.fps == 8.0 and example.vision_condition_frames == ()  # the target: nothing clean
+    seen = transfer_capture(parts, video["caption"], video["frames"][:9], ("blur", "edge"), num_frames=9, fps=8.0,
+                            **size)
+    assert_same_conditioning(example, seen, parts["transformer"])
+    assert example.to_sample().vision_condition_frames == tuple(range(6))  # both controls clean, target noisy
+    # the target takes the hints' resize (the pipeline's `video` path), so each pixel sits under its own edges
+    target = preprocess_video(video["frames"][:9], height=32, width=48)
+    torch.testing.assert_close(example.vision, Cosmos3VisionTokenizer(vae).encode(target)[0], rtol=0, atol=0)
+    t2v = ExampleEncoder(vae, tiny_tokenizer, task="t2v", num_frames=9, **size)(video)
+    assert example.text_ids != t2v.text_ids  # the transfer system prompt, no metadata sentences
+
+    # a LeRobot clip (cameras tiled), and a single frame (an image: no frame rate, the pipeline's 24)
+    robot = ExampleEncoder(vae, tiny_tokenizer, task="transfer", num_frames=5, height=32, width=80)(lerobot[1])
+    seen = transfer_capture(parts, lerobot[1]["task"], tile_cameras(lerobot[1]["frames"])[:5], ("edge",),
+                            num_frames=5, fps=10.0, height=32, width=80)
+    assert_same_conditioning(robot, seen, parts["transformer"])
+    assert robot.control.shape == (1, 8, 2, 2, 5)
+    image = data[0]
+    one = ExampleEncoder(vae, tiny_tokenizer, task="transfer", hints="edge", num_frames=1, **size)(image)
+    seen = transfer_capture(parts, image["caption"], image["frames"], ("edge",), **size)
+    assert_same_conditioning(one, seen, parts["transformer"])
+    assert one.fps == 24.0 and one.control.shape == (1, 8, 1, 2, 3)
+
+
+def test_control_dropout_drops_the_hints_per_sample(parts, tiny_tokenizer, vae, folder_root):
+    video = FolderDataset(folder_root, isolated=False)[1]
+    size = dict(task="transfer", height=32, width=48, num_frames=5)
+    samples = [{**video, "path": f"clip{i}.mp4"} for i in range(12)]
+    keep = ExampleEncoder(vae, tiny_tokenizer, **size)
+    drop = ExampleEncoder(vae, tiny_tokenizer, control_dropout=0.5, caption_dropout=0.5, **size)
+    full, examples = [keep(s) for s in samples], [drop(s) for s in samples]
+    dropped = [ex.control is None for ex in examples]
+    assert any(dropped) and not all(dropped)
+    assert dropped == [drop(s).control is None for s in samples]  # keyed by the sample: the same every time
+    assert dropped == [pickle.loads(pickle.dumps(drop))(s).control is None for s in samples]
+    uncond = [ex.text_ids != f.text_ids for ex, f in zip(examples, full)]
+    assert any(uncond) and uncond != dropped  # caption dropout draws from its own stream
+    for ex, f, gone in zip(examples, full, dropped):
+        assert torch.equal(ex.vision, f.vision)
+        if gone:  # what the pipeline's "no control" pass feeds: the target alone, same prompt
+            a, b = ex.to_sample(), f.to_sample(controls=False)
+            assert (a.vision_shape, a.vision_condition_frames, a.vision_items) == (
+                b.vision_shape, b.vision_condition_frames, b.vision_items)
+        else:
+            assert torch.equal(ex.control, f.control)
+    assert dropped != [ExampleEncoder(vae, tiny_tokenizer, control_dropout=0.5, seed=1, **size)(s).control is None
+                       for s in samples]
 
 
 # ------------------------------------------------------------------------------------------ world-action tasks
@@ -361,6 +443,20 @@ def test_pickled_encoder_encodes_the_same(world, lerobot):
         (dict(task="t2v", height=32, width=32, num_frames=5, fps=0), ValueError, "`fps` must be a positive"),
         (dict(task="t2v", height=32, width=32, num_frames=5, cameras=[""]), TypeError, "`cameras` must be"),
         (dict(task="t2v", height=32, width=32, num_frames=5, use_system_prompt=1), TypeError, "`use_system_prompt`"),
+        (dict(task="transfer", height=32, width=32, num_frames=5, hints=("edge", "depth")), ValueError,
+         r"`hints` has \['depth'\] \(\['depth'\] are not computable from the clip: give them to the pipeline "
+         r"instead\); valid \(computable from the clip\): \['edge', 'blur'\]"),
+        (dict(task="transfer", height=32, width=32, num_frames=5, hints=("sobel",)), ValueError,
+         r"`hints` has \['sobel'\]; valid \(computable from the clip\): \['edge', 'blur'\]"),
+        (dict(task="transfer", height=32, width=32, num_frames=5, hints=()), TypeError, "`hints` must be a non-empty"),
+        (dict(task="transfer", height=32, width=32, num_frames=5, hints=("edge", "edge")), ValueError, "twice"),
+        (dict(task="transfer", height=32, width=32, num_frames=5, control_dropout=1.0), ValueError,
+         r"`control_dropout` must be a number in \[0, 1\), got 1.0"),
+        (dict(task="transfer", height=32, width=32, num_frames=5, control_dtype=torch.int8), TypeError,
+         "`control_dtype` must be a floating torch.dtype"),
+        (dict(task="t2v", height=32, width=32, num_frames=5, hints=("edge",), control_dropout=0.1), ValueError,
+         r"\['hints', 'control_dropout'\] only apply to task 'transfer', not 't2v'"),
+        (dict(task="transfer", num_frames=5), ValueError, "`height` must be a multiple of 16, got None"),
     ],
 )
 def test_bad_options_are_named(tiny_tokenizer, vae, normalizer, kwargs, error, match):
