@@ -38,6 +38,7 @@ from torch import Tensor
 from ..conditioning import Cosmos3Request, keep_clean
 from ..tokenizers.text import SYSTEM_PROMPT_TRANSFER
 from .common import Cosmos3PipelineBase, Cosmos3PipelineOutput, check_generators
+from .image_to_video import _per_prompt
 
 HINTS = ("edge", "blur", "depth", "seg", "wsm")
 
@@ -155,8 +156,8 @@ class Cosmos3TransferPipeline(Cosmos3PipelineBase):
             raise ValueError(f"`fps` must be a positive number, got {fps!r}.")
 
         prompts, negatives = self.expand_prompts(prompt, negative_prompt, 1)
-        hints = _per_prompt("control_videos", control_videos, len(prompts), dict_is_one=True)
-        seeds = _per_prompt("video", video, len(prompts))
+        hints = _per_prompt("control_videos", control_videos, len(prompts), 1, clips=True)
+        seeds = _per_prompt("video", video, len(prompts), 1, clips=True)
         settings = self.prompt_settings(1, height, width, fps, use_system_prompt, add_resolution_template=False,
                                         add_duration_template=False)
         settings = type(settings)(**{**settings.__dict__, "system_prompt": SYSTEM_PROMPT_TRANSFER})
@@ -329,13 +330,3 @@ def _check_hints(hints) -> Mapping:
     if missing:
         raise ValueError(f"`control_videos` entries {missing} are None; give a clip or leave the hint out.")
     return hints
-
-
-def _per_prompt(name: str, value, num_prompts: int, dict_is_one: bool = False) -> list:
-    """One value per prompt: a single value (a dict, for `control_videos`) is shared, a list gives one each."""
-    if value is None or (dict_is_one and isinstance(value, Mapping)) or not isinstance(value, (list, tuple)) or (
-            not dict_is_one and value and not isinstance(value[0], (list, tuple, str, Tensor, np.ndarray))):
-        return [value] * num_prompts
-    if len(value) != num_prompts:
-        raise ValueError(f"`{name}` has {len(value)} entries for {num_prompts} prompts (give one, or one per prompt).")
-    return list(value)
