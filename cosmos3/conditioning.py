@@ -103,7 +103,7 @@ def action_mode_conditioning(mode: str, latent_frames: int, chunk_size: int) -> 
     return vision, actions
 
 
-def action_canvas(clip, tier: int, num_frames: int) -> tuple[Tensor, int, int, int, int]:
+def action_canvas(clip, tier: int, num_frames: int, *, name: str = "video") -> tuple[Tensor, int, int, int, int]:
     """Place a clip on its tier's canvas: returns `[1, 3, num_frames, H, W]`, canvas `(H, W)`, content `(h, w)`.
 
     The canvas is the tier's bucket closest in aspect ratio; the clip is downscaled to fit (never upscaled; bicubic,
@@ -112,7 +112,7 @@ def action_canvas(clip, tier: int, num_frames: int) -> tuple[Tensor, int, int, i
 
     if tier not in RESOLUTION_BINS:
         raise ValueError(f"`resolution_tier` must be one of {sorted(RESOLUTION_BINS)}, got {tier!r}.")
-    frames = preprocess_video(clip)  # [1, 3, F, H, W] in [-1, 1]
+    frames = preprocess_video(clip, name=name)  # [1, 3, F, H, W] in [-1, 1]
     source_h, source_w = frames.shape[-2:]
     height, width = VideoProcessor.classify_height_width_bin(source_h, source_w, ratios=RESOLUTION_BINS[tier])
     if frames.shape[2] < num_frames:  # too short: hold the last frame

@@ -149,6 +149,42 @@ class Cosmos3PipelineOutput(BaseOutput):
         cio.write_video(path, frames, fps, audio=audio, sample_rate=rate)
 
 
+@dataclass(frozen=True)
+class CallLimits:
+    """What one call may ask for, so a typo or a hostile request fails at once instead of running for hours.
+    Override per pipeline: `pipe.limits = CallLimits(max_prompt_tokens=16384)`.
+
+    Args:
+        max_prompt_tokens: prompt ids after chat templating and the metadata sentences (the text tower's cost and
+            positions grow with them; published prompts are a few hundred tokens).
+        max_inference_steps: denoising steps (the reference's defaults are 35-50).
+        max_new_tokens: tokens `Cosmos3TextGenerationPipeline` may generate per prompt.
+    """
+
+    max_prompt_tokens: int = 4096
+    max_inference_steps: int = 1000
+    max_new_tokens: int = 8192
+
+
+def check_prompt_ids(ids: list[list[int]], limits: CallLimits, name: str = "prompt") -> None:
+    """Refuse prompts longer than `limits.max_prompt_tokens` tokens, naming which and by how much."""
+    longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+    if len(ids[longest]) > limits.max_prompt_tokens:
+        raise ValueError(f"`{name}` {longest} is {len(ids[longest])} tokens after templating, over the limit of "
+                         f"{limits.max_prompt_tokens} (`pipe.limits = CallLimits(max_prompt_tokens=...)` raises it).")
+
+
+def callback_results(value) -> dict:
+    """What a `callback_on_step_end` returned: a dict of edited tensors; None (a callback that only watches, as
+    diffusers users often write them) means no change."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TypeError(f"`callback_on_step_end` must return a dict of tensors (or None for no change), got "
+                        f"{type(value).__name__}.")
+    return value
+
+
 def component_dtype(dtype, torch_dtype, component: str):
     """The dtype diffusers' `from_pretrained` gives `component`: `dtype` (or the deprecated `torch_dtype`), a dict
     looked up by component name, then its "default" (float32 when neither is there)."""
@@ -399,9 +435,15 @@ class Cosmos3PipelineBase(DiffusionPipeline):
     def vision_tokenizer(self) -> Cosmos3VisionTokenizer:
         return Cosmos3VisionTokenizer(self.vae)
 
+    limits = CallLimits()
+
     def encode_prompt(self, prompts: list[str], negatives: list[str | None], settings: PromptSettings):
-        """Prompt and negative token ids for each prompt (see `cosmos3.tokenizers.text.encode_prompts`)."""
-        return encode_prompts(self.text_tokenizer, prompts, negatives, settings)
+        """Prompt and negative token ids for each prompt (see `cosmos3.tokenizers.text.encode_prompts`), each at most
+        `self.limits.max_prompt_tokens` long."""
+        cond, uncond = encode_prompts(self.text_tokenizer, prompts, negatives, settings)
+        check_prompt_ids(cond, self.limits, "prompt")
+        check_prompt_ids(uncond, self.limits, "negative_prompt")
+        return cond, uncond
 
     def prompt_settings(self, num_frames, height, width, fps, use_system_prompt=None, add_resolution_template=True,
                         add_duration_template=True, action_mode=None, action_view_point=None) -> PromptSettings:
@@ -443,6 +485,10 @@ class Cosmos3PipelineBase(DiffusionPipeline):
                                  f"1.0, got {guidance_scale!r}.")
         if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}.")
+        if num_inference_steps > self.limits.max_inference_steps:
+            raise ValueError(f"`num_inference_steps`={num_inference_steps} is over the limit of "
+                             f"{self.limits.max_inference_steps} (`pipe.limits = CallLimits(max_inference_steps=...)` "
+                             "raises it).")
         if (not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool)
                 or not math.isfinite(guidance_scale) or guidance_scale < 0):
             raise ValueError(f"`guidance_scale` must be a finite number >= 0, got {guidance_scale!r}.")
@@ -688,7 +734,8 @@ class Cosmos3PipelineBase(DiffusionPipeline):
                 if callback_on_step_end is not None:
                     names = callback_on_step_end_tensor_inputs or []
                     tensors = {k: v for k, v in (("latents", state.vision),) if k in names}
-                    state.vision = callback_on_step_end(self, i, t, tensors).pop("latents", state.vision).float()
+                    edits = callback_results(callback_on_step_end(self, i, t, tensors))
+                    state.vision = edits.pop("latents", state.vision).float()
                 progress.update()
         self._current_timestep = None
         return self.decode(state, output_type, return_dict)

@@ -16,7 +16,7 @@ from diffusers.utils import BaseOutput
 
 from ..models.transformer_cosmos3 import Cosmos3Transformer
 from ..tokenizers.text import load_text_tokenizer
-from .common import _adopt_reference_transformer, component_dtype
+from .common import CallLimits, _adopt_reference_transformer, check_prompt_ids, component_dtype
 
 UPSAMPLE_INSTRUCTION = (
     "Rewrite the following prompt as one detailed paragraph describing the scene, the subjects, their motion, the "
@@ -34,6 +34,8 @@ class Cosmos3TextOutput(BaseOutput):
 
 class Cosmos3TextGenerationPipeline(DiffusionPipeline):
     r"""Generate text with the Cosmos 3 understanding tower and `lm_head`."""
+
+    limits = CallLimits()
 
     def __init__(self, transformer: Cosmos3Transformer, text_tokenizer):
         super().__init__()
@@ -83,8 +85,11 @@ class Cosmos3TextGenerationPipeline(DiffusionPipeline):
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"`prompt` must be a str or a non-empty list of str, got {prompt!r}.")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"`max_new_tokens` must be an int >= 1, got {max_new_tokens!r}.")
+        if max_new_tokens > self.limits.max_new_tokens:
+            raise ValueError(f"`max_new_tokens`={max_new_tokens} is over the limit of {self.limits.max_new_tokens} "
+                             "(`pipe.limits = CallLimits(max_new_tokens=...)` raises it).")
         if not temperature >= 0:
             raise ValueError(f"`temperature` must be >= 0 (0: greedy), got {temperature!r}.")
         if not 0 < top_p <= 1:
@@ -103,6 +108,7 @@ class Cosmos3TextGenerationPipeline(DiffusionPipeline):
             ]
             ids = self.text_tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
                                                           return_dict=True)["input_ids"]
+            check_prompt_ids([list(ids)], self.limits)
             logits, past = self.transformer.text_logits(torch.tensor(ids, device=device))  # prefill once
             new: list[int] = []
             for _ in self.progress_bar(range(max_new_tokens)):

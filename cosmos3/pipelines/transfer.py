@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ..conditioning import Cosmos3Request, keep_clean
 from ..tokenizers.text import SYSTEM_PROMPT_TRANSFER
-from .common import Cosmos3PipelineBase, Cosmos3PipelineOutput, check_generators
+from .common import Cosmos3PipelineBase, Cosmos3PipelineOutput, callback_results, check_generators
 from .image_to_video import _per_prompt
 
 HINTS = ("edge", "blur", "depth", "seg", "wsm")
@@ -292,7 +292,7 @@ class Cosmos3TransferPipeline(Cosmos3PipelineBase):
                     names = callback_on_step_end_tensor_inputs or []
                     same = len({tuple(x.shape) for x in latents}) == 1
                     tensors = {"latents": torch.stack(latents) if same else list(latents)} if "latents" in names else {}
-                    edited = callback_on_step_end(self, i, t, tensors).pop("latents", None)
+                    edited = callback_results(callback_on_step_end(self, i, t, tensors)).pop("latents", None)
                     if edited is not None:
                         latents = [x.float() for x in edited]
                 progress.update()

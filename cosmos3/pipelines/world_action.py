@@ -151,7 +151,8 @@ class Cosmos3WorldActionPipeline(Cosmos3PipelineBase):
             # inverse dynamics); the canvas's leading frames do not depend on its length.
             clip = [req.image] if req.image is not None else req.video
             canvas, height, width, content_h, content_w = action_canvas(
-                clip, req.resolution_tier, 1 + tcf * max(condition_frames))
+                clip, req.resolution_tier, 1 + tcf * max(condition_frames),
+                name="image" if req.image is not None else "video")
             settings = self.prompt_settings(num_frames, height, width, fps, use_system_prompt, True, True,
                                             action_mode=req.mode, action_view_point=req.view_point)
             (cond,), (uncond,) = self.encode_prompt([prompt_i], [negative_i], settings)

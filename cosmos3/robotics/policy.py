@@ -377,3 +377,12 @@ class Cosmos3Policy:
     def infer(self, observation: dict) -> dict:
         """openpi's `BasePolicy.infer`: a whole chunk for one observation, `{"actions": [chunk, dim]}`."""
         return {"actions": self.predict_action_chunk(observation)}
+
+    def infer_batch(self, observations: list[dict]) -> list[dict]:
+        """`infer` for several observations in one batched model call (what `serve-policy --max-batch` calls):
+        entry `i` equals `infer(observations[i])` run in list order. An observation failing the policy's checks
+        (instruction, cameras, image layout) raises before any seed is drawn, so a caller can then run the batch's
+        observations one by one and each gets the seed it would have got."""
+        if not isinstance(observations, list | tuple) or not observations:
+            raise ValueError(f"`observations` must be a non-empty list of dicts, got {observations!r:.80}.")
+        return [{"actions": chunk} for chunk in self.predict_action_chunk(list(observations))]

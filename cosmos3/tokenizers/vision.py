@@ -97,7 +97,7 @@ def preprocess_image(image, height: int, width: int) -> Tensor:
     return image.round().clamp(0, 255) / 127.5 - 1.0
 
 
-def preprocess_video(video, height: int | None = None, width: int | None = None) -> Tensor:
+def preprocess_video(video, height: int | None = None, width: int | None = None, *, name: str = "video") -> Tensor:
     """A clip (PIL frames, uint8 `[T, H, W, 3]` frames, float ones in [0, 1], or a tensor) -> `[1, 3, T, H, W]`
     in [-1, 1].
 
@@ -110,8 +110,18 @@ def preprocess_video(video, height: int | None = None, width: int | None = None)
     # out 255x too bright, so they go through PIL like the reference's PIL inputs
     if isinstance(video, np.ndarray) and video.dtype == np.uint8:
         video = list(video)
-    if isinstance(video, list) and video and all(isinstance(f, np.ndarray) and f.dtype == np.uint8 for f in video):
-        video = [Image.fromarray(np.ascontiguousarray(f)) for f in video]
+    if isinstance(video, (list, tuple)):
+        if not video:
+            raise ValueError(f"`{name}` is empty: give at least one frame.")
+        for i, frame in enumerate(video):
+            rgb = isinstance(frame, (np.ndarray, Tensor)) and frame.ndim == 3 and 3 in (frame.shape[-1], frame.shape[0])
+            if isinstance(frame, (np.ndarray, Tensor)) and not rgb:
+                raise ValueError(f"`{name}` frame {i} must be an RGB image ([H, W, 3] or [3, H, W]), got shape "
+                                 f"{tuple(frame.shape)} (grayscale and RGBA images: convert them to RGB).")
+        if all(isinstance(f, np.ndarray) and f.dtype == np.uint8 for f in video):
+            video = [Image.fromarray(np.ascontiguousarray(f)) for f in video]
+        # grayscale, palette or RGBA PIL images are read as RGB, as image-to-video reads them (RGB ones are unchanged)
+        video = [f.convert("RGB") if isinstance(f, Image.Image) and f.mode != "RGB" else f for f in video]
     return VideoProcessor(vae_scale_factor=16, resample="bilinear").preprocess_video(video, height=height, width=width)
 
 

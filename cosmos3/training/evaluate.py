@@ -2,6 +2,7 @@
 
     python -m cosmos3.training.evaluate faithfulness --model M --heldout data/shapes/heldout.jsonl --n 64
     python -m cosmos3.training.evaluate forward-dynamics --model M --data data/metaworld-mt3-eval
+    python -m cosmos3.training.evaluate transfer --model M --data data/shapes --n 32
 
 * **Prompt faithfulness** (`prompt_faithfulness`): text-to-image on captions of attribute combinations held out
   of training (`synthetic.write_folder_dataset`'s `heldout.jsonl`), scored by `synthetic.score_image` (colours,
@@ -11,6 +12,13 @@
   world-action pipeline predicts the next frames; PSNR (dB) against the simulator's frames on the same canvas.
   Two baselines frame it: holding the first frame (a model that predicts no motion) and the VAE round trip of the
   real frames (the best the latent space allows).
+* **Edge agreement** (`edge_agreement`): transfer on held-out clips (`heldout_clips`: the video captions of
+  `heldout.jsonl`, rendered), each generated with its own edge map (`tokenizers.control.edge_map`, the "medium"
+  Canny preset) as the hint; the edge map of the generated frames is matched against the hint's with a 1-pixel
+  tolerance (`edge_f1`). With `hint=False` the same clips come from text-to-video on their captions alone: what
+  agreement the caption by itself buys. Two baselines frame it: each clip's edges against another held-out clip's
+  (`shuffled`, chance level for scenes of this kind) and the VAE round trip of the source (`vae_round_trip`, the
+  best the latent space allows).
 
 Every call takes a seed; samples are drawn with one generator each, so a figure is reproducible.
 """
@@ -134,6 +142,112 @@ def forward_dynamics_psnr(pipe, normalizer, data_root: str | os.PathLike, *, num
             "num_inference_steps": num_inference_steps, "seed": seed}
 
 
+def _dilate(mask: np.ndarray, tolerance: int) -> np.ndarray:
+    """`[T, H, W]` bool, each frame dilated by a `(2 tolerance + 1)` square max (zero padding)."""
+    if tolerance == 0:
+        return mask
+    x = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[:, None]
+    k = 2 * tolerance + 1
+    return torch.nn.functional.max_pool2d(x, k, stride=1, padding=tolerance)[:, 0].numpy() > 0
+
+
+def _edge_mask(edges: np.ndarray) -> np.ndarray:
+    """An `edge_map` result (uint8 `[T, H, W, 3]` or `[T, H, W]`, 0/255) as `[T, H, W]` bool."""
+    edges = np.asarray(edges)
+    return (edges[..., 0] if edges.ndim == 4 else edges) > 0
+
+
+def edge_f1(generated: np.ndarray, source: np.ndarray, tolerance: int = 1) -> dict[str, float]:
+    """Agreement of two edge maps of one clip (`edge_map` outputs, same shape), pooled over its frames.
+
+    With G and S the generated and source edge pixels and D(.) a `(2 tolerance + 1)` square dilation in each frame:
+    precision = |G & D(S)| / |G| (generated edges within `tolerance` pixels of a source edge), recall =
+    |S & D(G)| / |S| (source edges within `tolerance` of a generated one), F1 = 2 P R / (P + R). An empty side has
+    nothing wrong in it (precision 1 when G is empty, recall 1 when S is empty), so two empty maps score 1 and an
+    empty map against a non-empty one scores 0."""
+    g, s = _edge_mask(generated), _edge_mask(source)
+    if g.shape != s.shape:
+        raise ValueError(f"edge maps of different shapes: {g.shape} (generated) vs {s.shape} (source)")
+    precision = float((g & _dilate(s, tolerance)).sum() / g.sum()) if g.any() else 1.0
+    recall = float((s & _dilate(g, tolerance)).sum() / s.sum()) if s.any() else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"f1": f1, "precision": precision, "recall": recall}
+
+
+def heldout_clips(data_root: str | os.PathLike, n: int, *, size: int = 64, frames: int = 9,
+                  ) -> tuple[list[np.ndarray], list[str]]:
+    """The first `n` video captions of a synthetic folder's `heldout.jsonl` (attribute combinations its training
+    clips never show), rendered: uint8 `[frames, size, size, 3]` clips and their captions."""
+    lines = [line for line in synthetic.read_jsonl(os.path.join(data_root, "heldout.jsonl"))
+             if line.get("kind") == "video"][:n]
+    if not lines:
+        raise ValueError(f"{data_root}: heldout.jsonl has no video captions (write the folder with n_videos > 0)")
+    return [synthetic.render_heldout(line, size, frames) for line in lines], [line["text"] for line in lines]
+
+
+def _mean_scores(scores: Sequence[dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.mean([s[k] for s in scores])) for k in ("f1", "precision", "recall")}
+
+
+def edge_agreement(pipe, clips: Sequence[np.ndarray], prompts: Sequence[str], *, hint: bool = True,
+                   num_inference_steps: int = 20, guidance_scale: float = 4.0, control_guidance: float = 1.0,
+                   fps: float = 8.0, tolerance: int = 1, seed: int = 0, batch_size: int = 8,
+                   round_trip: bool = True) -> dict[str, Any]:
+    """Edge-map agreement (`edge_f1`, averaged over clips) of videos generated for `clips` (uint8 `[T, H, W, 3]`,
+    one size) and their `prompts`.
+
+    `hint=True`: `pipe` is a `Cosmos3TransferPipeline`, called with each clip's `edge_map` as
+    `control_videos={"edge": ...}`; `hint=False`: a `Cosmos3TextToVideoPipeline`, called with the prompt alone
+    (`num_frames` = T). Clip i is drawn with `torch.Generator().manual_seed(seed * 1_000_003 + i)` whatever the
+    batching, so two models (or hint and no hint) are compared on the same noise. Returns `f1`, `precision`,
+    `recall`, `per_clip_f1`, the `shuffled` baseline (each source against the next clip's source edges), with
+    `round_trip` the `vae_round_trip` ceiling (through `pipe.vae`), the settings, and the generated `frames`."""
+    from ..tokenizers.control import edge_map
+
+    if len(clips) != len(prompts) or not clips:
+        raise ValueError(f"need one prompt per clip and at least one clip; got {len(clips)} clips and "
+                         f"{len(prompts)} prompts")
+    clips = [np.asarray(c) for c in clips]
+    if any(c.dtype != np.uint8 or c.ndim != 4 or c.shape != clips[0].shape for c in clips):
+        raise ValueError("clips must be uint8 [T, H, W, 3] arrays of one shape")
+    num_frames, height, width = clips[0].shape[:3]
+    sources = [edge_map(c) for c in clips]
+    options: dict[str, Any] = dict(height=height, width=width, fps=fps, num_inference_steps=num_inference_steps,
+                                   guidance_scale=guidance_scale, output_type="np")
+    if hint:
+        options["control_guidance"] = control_guidance
+    else:
+        options["num_frames"] = num_frames
+    generated = []
+    for start in range(0, len(clips), batch_size):
+        part = range(start, min(start + batch_size, len(clips)))
+        generators = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in part]
+        extra = {"control_videos": [{"edge": sources[i]} for i in part]} if hint else {}
+        out = pipe([prompts[i] for i in part], generator=generators, **extra, **options)
+        generated += [_to_uint8(np.asarray(f))[:num_frames] for f in out.frames]
+    scores = [edge_f1(edge_map(g), s, tolerance) for g, s in zip(generated, sources)]
+    result: dict[str, Any] = {
+        "n": len(scores), **_mean_scores(scores), "per_clip_f1": [s["f1"] for s in scores],
+        "shuffled": _mean_scores([edge_f1(sources[(i + 1) % len(sources)], s, tolerance)
+                                  for i, s in enumerate(sources)]),
+    }
+    if round_trip:
+        from ..tokenizers.vision import Cosmos3VisionTokenizer, postprocess_video
+
+        tokenizer = Cosmos3VisionTokenizer(pipe.vae)
+        trips = []
+        with torch.no_grad():
+            for clip, source in zip(clips, sources):
+                video = torch.from_numpy(clip).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+                decoded = postprocess_video(tokenizer.decode(tokenizer.encode(video.to(pipe.vae.dtype))))[0]
+                trips.append(edge_f1(edge_map(decoded[:num_frames]), source, tolerance))
+        result["vae_round_trip"] = _mean_scores(trips)
+    result.update(hint=hint, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                  control_guidance=control_guidance if hint else None, tolerance=tolerance, seed=seed,
+                  frames=generated)
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m cosmos3.training.evaluate", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -152,8 +266,39 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     d.add_argument("--steps", type=int, default=30)
     d.add_argument("--max-clips", type=int, default=64)
     d.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("transfer", help="edge-map agreement of transfer (or text-to-video) on held-out clips")
+    t.add_argument("--model", required=True)
+    t.add_argument("--data", required=True, help="a synthetic folder (write_folder_dataset) with video captions")
+    t.add_argument("--n", type=int, default=32)
+    t.add_argument("--size", type=int, default=64)
+    t.add_argument("--frames", type=int, default=9)
+    t.add_argument("--steps", type=int, default=20)
+    t.add_argument("--guidance", type=float, default=4.0)
+    t.add_argument("--control-guidance", type=float, default=1.0)
+    t.add_argument("--no-hint", action="store_true", help="text-to-video on the captions alone (the baseline)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--save", default=None, help="write source | its edges | generated | their edges as one PNG")
     args = parser.parse_args(argv)
-    if args.what == "faithfulness":
+    if args.what == "transfer":
+        from ..pipelines import Cosmos3TextToVideoPipeline, Cosmos3TransferPipeline
+
+        cls = Cosmos3TextToVideoPipeline if args.no_hint else Cosmos3TransferPipeline
+        pipe = cls.from_pretrained(args.model, dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        clips, prompts = heldout_clips(args.data, args.n, size=args.size, frames=args.frames)
+        result = edge_agreement(pipe, clips, prompts, hint=not args.no_hint, num_inference_steps=args.steps,
+                                guidance_scale=args.guidance, control_guidance=args.control_guidance, seed=args.seed)
+        frames = result.pop("frames")
+        if args.save:
+            from PIL import Image
+
+            from ..tokenizers.control import edge_map
+
+            # one row per clip: its frames side by side, in four bands
+            rows = [np.concatenate([np.concatenate(list(x), axis=1) for x in (c, edge_map(c), g, edge_map(g))])
+                    for c, g in zip(clips, frames)]
+            Image.fromarray(np.concatenate(rows)).save(args.save)
+    elif args.what == "faithfulness":
         from ..pipelines import Cosmos3TextToImagePipeline
 
         pipe = Cosmos3TextToImagePipeline.from_pretrained(args.model, dtype=torch.float32)

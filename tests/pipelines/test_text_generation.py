@@ -97,5 +97,9 @@ def test_upsample_and_errors(text_pipe):
         text_pipe("a", top_p=0.0)
     with pytest.raises(ValueError, match="`max_new_tokens`"):
         text_pipe("a", max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"`max_new_tokens`=1000000 is over the limit of 8192"):
+        text_pipe("a", max_new_tokens=10**6)
+    with pytest.raises(ValueError, match="tokens after templating, over the limit of 4096"):
+        text_pipe("a cat " * 10_000, max_new_tokens=1)
     with pytest.raises(ValueError, match="`input_ids` must lie in"):
         text_pipe.transformer.text_logits(torch.tensor([10_000]))

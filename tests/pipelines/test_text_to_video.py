@@ -181,3 +181,32 @@ def test_a_model_step_factory_replaces_only_how_a_step_runs_the_model(components
     assert np.array_equal(frames, expected)
     assert [b for b, _ in calls] == [2] * VIDEO["num_inference_steps"]  # the sample and its negative, per step
     assert [t for _, t in calls] == [float(t) for t in pipe.scheduler.timesteps]
+
+
+def test_a_callback_that_returns_nothing_changes_nothing(components):
+    """diffusers users often write watch-only callbacks that return None: no change, not an AttributeError."""
+    parts, _ = components
+    pipe = pipeline(Cosmos3TextToVideoPipeline, parts)
+    expected = pipe("a red car", generator=gen(0), output_type="np", **VIDEO).frames
+    seen = []
+    frames = pipe("a red car", generator=gen(0), output_type="np", **VIDEO,
+                  callback_on_step_end=lambda p, i, t, tensors: seen.append(i)).frames
+    assert np.array_equal(frames, expected) and seen == [0, 1, 2]
+    with pytest.raises(TypeError, match="must return a dict of tensors"):
+        pipe("a red car", **VIDEO, callback_on_step_end=lambda p, i, t, tensors: 3)
+
+
+def test_calls_are_bounded_with_documented_overridable_limits(components):
+    """A 100,000-character prompt or 10**9 steps fail at once instead of running for hours."""
+    from cosmos3.pipelines.common import CallLimits
+
+    parts, _ = components
+    pipe = pipeline(Cosmos3TextToVideoPipeline, parts)
+    with pytest.raises(ValueError, match=r"`prompt` 0 is \d+ tokens after templating, over the limit of 4096"):
+        pipe("a red car " * 10_000, **VIDEO)
+    with pytest.raises(ValueError, match=r"`num_inference_steps`=1000000000 is over the limit of 1000"):
+        pipe("a red car", **{**VIDEO, "num_inference_steps": 10**9})
+    with pytest.raises(ValueError, match="`negative_prompt` 0 is"):
+        pipe("a red car", negative_prompt="blurry " * 10_000, **VIDEO)
+    pipe.limits = CallLimits(max_prompt_tokens=100_000)
+    assert pipe("a red car " * 500, output_type="latent", **{**VIDEO, "num_inference_steps": 1}).frames.shape[0] == 1

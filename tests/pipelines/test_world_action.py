@@ -122,3 +122,31 @@ def test_a_policy_encodes_its_first_frame_only(components, encoded_lengths):
                                                 actions=kw.get("raw_actions")),
              generator=gen(0), **{**COMMON, "num_inference_steps": 1})
     assert encoded_lengths == [1, 1, 9]  # the reference encodes 9 frames every time
+
+
+@pytest.mark.parametrize("image,match", [
+    (np.zeros((40, 40, 4), np.uint8), r"`image` frame 0 must be an RGB image .* got shape \(40, 40, 4\)"),
+    (np.zeros((40, 40), np.uint8), r"`image` frame 0 must be an RGB image .* got shape \(40, 40\)"),
+])
+def test_rgba_and_grayscale_arrays_are_refused_clearly(components, image, match):
+    parts, _ = components
+    pipe = Cosmos3WorldActionPipeline(**parts)
+    request = ActionRequest(mode="policy", chunk_size=4, domain_name="bridge_orig_lerobot", image=image,
+                            resolution_tier=64)
+    with pytest.raises(ValueError, match=match):
+        pipe("pick it up", request, num_inference_steps=1)
+
+
+def test_rgba_and_grayscale_pil_images_are_read_as_rgb(components):
+    from PIL import Image
+
+    parts, _ = components
+    pipe = Cosmos3WorldActionPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    outs = []
+    for image in (rgb, rgb.convert("RGBA")):
+        request = ActionRequest(mode="policy", chunk_size=4, domain_name="bridge_orig_lerobot", image=image,
+                                resolution_tier=64)
+        outs.append(pipe("pick it up", request, num_inference_steps=1, generator=gen(0), output_type="np").action[0])
+    assert torch.equal(outs[0], outs[1])

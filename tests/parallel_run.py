@@ -1,0 +1,83 @@
+"""Tiny text-to-video requests under `cosmos3.parallel.parallelize`, launched by tests/test_parallel.py under
+`torchrun` (gloo, CPU). Each `--plan` (e.g. `cfg=2,shard=fsdp`) gets a fresh pipeline with the same random weights
+in every process; every rank saves what it generated to OUT/<plan>.rank<r>.pt, so the test checks that the ranks
+agree with each other and with one process. `--errors` records what `parallelize` refuses on this world size."""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+# Python puts this script's folder first, where tests/tokenizers would shadow the `tokenizers` package: the
+# repository root instead.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+VIDEO = dict(num_frames=9, height=32, width=48, fps=16.0, num_inference_steps=2, output_type="np")
+TEXT = [5, 17, 42, 99, 3]
+
+
+def build_pipeline():
+    from cosmos3.pipelines import Cosmos3TextToVideoPipeline
+    from cosmos3.testing import tiny_parts
+    from cosmos3.tokenizers.text import build_tiny_tokenizer
+
+    pipe = Cosmos3TextToVideoPipeline(**tiny_parts(build_tiny_tokenizer(), sound=True))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe) -> dict:
+    """A guided batch of two prompts with sound, an unguided single sample, and the text tower's logits."""
+    gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    guided = pipe(["a red car", "waves at dusk on a long beach"], negative_prompt=["blurry", None],
+                  generator=gens, guidance_scale=4.0, enable_sound=True, **VIDEO)
+    single = pipe("a cat", generator=torch.Generator().manual_seed(2), guidance_scale=1.0, **VIDEO)
+    logits, _ = pipe.transformer.text_logits(torch.tensor(TEXT))
+    return {"frames": torch.from_numpy(guided.frames), "sound": guided.sound,
+            "single": torch.from_numpy(single.frames), "logits": logits}
+
+
+def parse_plan(text: str) -> dict:
+    plan = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        plan[key] = value if key == "shard" else int(value)
+    return plan
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--plan", action="append", default=[])
+    parser.add_argument("--errors", action="append", default=[], help="plans that must be refused")
+    args = parser.parse_args()
+    from cosmos3.parallel import parallelize
+    from cosmos3.training.parallel import init_distributed
+
+    info = init_distributed("cpu")
+    torch.set_num_threads(1)
+    for name in args.plan:
+        pipe = build_pipeline()
+        plan = parallelize(pipe, **parse_plan(name))
+        if plan.shard == "fsdp":  # each rank holds its share of every layer
+            weight = pipe.transformer.layers[0].self_attn.add_q_proj.weight
+            assert weight.to_local().shape[0] * info.world_size == weight.shape[0], weight.to_local().shape
+        torch.save(generate(pipe), os.path.join(args.out, f"{name}.rank{info.rank}.pt"))
+    refused = {}
+    for name in args.errors:
+        try:
+            parallelize(build_pipeline(), **parse_plan(name))
+        except ValueError as e:
+            refused[name] = str(e)
+    if info.is_main and args.errors:
+        with open(os.path.join(args.out, "refused.json"), "w") as f:
+            json.dump(refused, f)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
