@@ -174,6 +174,80 @@ def check_prompt_ids(ids: list[list[int]], limits: CallLimits, name: str = "prom
                          f"{limits.max_prompt_tokens} (`pipe.limits = CallLimits(max_prompt_tokens=...)` raises it).")
 
 
+# Integer and float settings that are sizes or counts: zero or less is never valid, and fails late and deep.
+_POSITIVE_SUFFIXES = ("_dim", "_channels", "_size", "timesteps", "base_dim", "z_dim")
+_POSITIVE_PREFIXES = ("num_", "scale_factor_")
+
+
+def check_component_configs(folder: str, skip: set[str] = frozenset()) -> None:
+    """Check the diffusers components' configs of a pipeline folder (the VAE, the scheduler, the sound tokenizer)
+    against their classes before anything is built: a wrong type or a non-positive size is a ValueError naming the
+    file and the key (diffusers would fail later, deep in a layer or at the first call). Unknown keys are logged
+    and ignored, as diffusers does."""
+    import inspect
+    import json
+    import logging
+    import os
+
+    import diffusers
+
+    index_path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index_path):
+        return  # diffusers' own error names the missing file
+    with open(index_path) as f:
+        index = json.load(f)
+    for name, entry in index.items():
+        if name in skip or name == "transformer" or not isinstance(entry, list) or entry[:1] != ["diffusers"]:
+            continue
+        cls = getattr(diffusers, str(entry[1]), None)
+        if cls is None:
+            continue
+        file = "scheduler_config.json" if name == "scheduler" else "config.json"
+        path = os.path.join(folder, name, file)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as f:
+                config = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}.")
+        parameters = inspect.signature(cls.__init__).parameters
+        unknown = sorted(k for k in config if not k.startswith("_") and k not in parameters)
+        if unknown:
+            logging.getLogger(__name__).warning("%s: keys %s are not %s arguments; ignored.", path, unknown,
+                                                cls.__name__)
+        for key, value in config.items():
+            parameter = parameters.get(key)
+            if parameter is None or parameter.default is inspect.Parameter.empty or parameter.default is None:
+                continue
+            _check_config_value(path, key, value, parameter.default)
+
+
+def _check_config_value(path: str, key: str, value, default) -> None:
+    kind = type(default)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif kind in (list, tuple):
+        ok = isinstance(value, (list, tuple))
+    elif kind is str:
+        ok = isinstance(value, str)
+    else:
+        return
+    if not ok:
+        raise ValueError(f"{path}: `{key}` must be a {kind.__name__} (default {default!r}), got {value!r}.")
+    sized = key.startswith(_POSITIVE_PREFIXES) or key.endswith(_POSITIVE_SUFFIXES)
+    if sized and kind in (int, float) and default > 0 and value <= 0:
+        raise ValueError(f"{path}: `{key}` must be > 0, got {value!r}.")
+    if sized and kind in (list, tuple) and any(isinstance(v, (int, float)) and v <= 0 for v in value):
+        raise ValueError(f"{path}: `{key}` must hold positive numbers, got {value!r}.")
+
+
 def callback_results(value) -> dict:
     """What a `callback_on_step_end` returned: a dict of edited tensors; None (a callback that only watches, as
     diffusers users often write them) means no change."""
@@ -279,6 +353,7 @@ class Cosmos3PipelineBase(DiffusionPipeline):
             kwargs["transformer"] = Cosmos3Transformer.from_pretrained(sub, dtype=dtype, variant=kwargs.get("variant"))
         kwargs.setdefault("enable_safety_checker", False)
         kwargs.setdefault("safety_checker", None)
+        check_component_configs(str(pretrained_model_name_or_path), skip=set(kwargs))
         modular = read_modular_index(str(pretrained_model_name_or_path))
         for key in MODULAR_CONFIG_KEYS:
             if key not in kwargs and modular.get(key):

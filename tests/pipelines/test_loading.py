@@ -65,3 +65,21 @@ def test_text_generation_reads_the_dtype_keyword_too(tiny_folder, form):
 
     kwargs, expected = DTYPE_FORMS[form]
     assert Cosmos3TextGenerationPipeline.from_pretrained(str(tiny_folder), **kwargs).transformer.dtype == expected
+
+
+@pytest.mark.parametrize("part,file,edit,match", [
+    ("vae", "config.json", {"base_dim": "eight", "made_up_key": 1}, r"vae/config.json: `base_dim` must be a int"),
+    ("vae", "config.json", {"z_dim": 0}, r"vae/config.json: `z_dim` must be > 0, got 0"),
+    ("scheduler", "scheduler_config.json", {"num_train_timesteps": -5},
+     r"scheduler/scheduler_config.json: `num_train_timesteps` must be > 0, got -5"),
+    ("scheduler", "scheduler_config.json", {"use_flow_sigmas": "yes"}, r"`use_flow_sigmas` must be a bool"),
+])
+def test_broken_component_configs_are_refused_at_load_time(tiny_folder, tmp_path, part, file, edit, match):
+    import json
+
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_folder, folder)
+    path = folder / part / file
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    with pytest.raises(ValueError, match=match):
+        Cosmos3TextToVideoPipeline.from_pretrained(str(folder))
