@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--attention", default=None,
                    help="attention backend: native, flex, flash_varlen, tiled (default: tiled on a CPU in bfloat16, "
                         "where PyTorch's CPU attention runs at float32 speed; native otherwise)")
+    g.add_argument("--cfg-parallel", type=int, default=1, metavar="N",
+                   help="under torchrun: 2 runs the samples and their negatives (guidance) on two ranks")
+    g.add_argument("--ulysses", type=int, default=1, metavar="N",
+                   help="under torchrun: N ranks share each batch's generated tokens (Ulysses sequence parallelism)")
+    g.add_argument("--shard", default=None, choices=["fsdp"],
+                   help="under torchrun: shard the transformer's weights over all ranks (FSDP2)")
     t = sub.add_parser("train", help="fine-tune with a TOML recipe (also under torchrun)")
     t.add_argument("recipe", help="TOML recipe (see cosmos3.training.config)")
     d = sub.add_parser("distill", help="distill a few-step student with a TOML recipe (also under torchrun)")
@@ -191,6 +197,7 @@ def generate(args: argparse.Namespace) -> dict:
         device = resolve_device(args.device, name="--device")
     except ValueError as e:
         _fail(str(e))
+    device, writes = _join_ranks(args, device)
     from .models.attention import resolve_backend
 
     try:
@@ -206,6 +213,7 @@ def generate(args: argparse.Namespace) -> dict:
     except OSError as e:
         _fail(f"--model {args.model!r} is not a readable Cosmos 3 checkpoint folder: {e}")
     pipe.transformer.set_attention_backend(attention)
+    _parallelize(pipe, args)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     common = dict(negative_prompt=args.negative_prompt, generator=generator, output_type="np")
     if args.steps is not None:
@@ -216,7 +224,8 @@ def generate(args: argparse.Namespace) -> dict:
 
     if args.task == "t2i":
         out = pipe(args.prompt, height=args.height, width=args.width, **common)
-        cio.write_image(args.out, (out.images[0] * 255).round().astype(np.uint8))
+        if writes:
+            cio.write_image(args.out, (out.images[0] * 255).round().astype(np.uint8))
         return {"out": args.out}
     if args.task == "transfer":
         out = pipe(
@@ -234,13 +243,44 @@ def generate(args: argparse.Namespace) -> dict:
         request = ActionRequest(mode=mode, chunk_size=args.chunk, domain_name=args.domain, resolution_tier=args.tier,
                                 image=image, video=frames_in, actions=actions)
         out = pipe(args.prompt, request, fps=args.fps, **common)
-    out.save(args.out, args.fps)
+    if writes:
+        out.save(args.out, args.fps)
     result = {"out": args.out}
-    if out.action is not None and out.action[0] is not None:
+    if writes and out.action is not None and out.action[0] is not None:
         actions_path = os.path.splitext(args.out)[0] + ".json"
         cio.atomic_write_json(actions_path, out.action[0].tolist(), indent=None)
         result["actions"] = actions_path
     return result
+
+
+def _join_ranks(args: argparse.Namespace, device):
+    """`--cfg-parallel`, `--ulysses`, `--shard`: join the process group `torchrun` describes, before the model loads
+    (each rank on its own GPU, `cuda:LOCAL_RANK`). Returns the rank's device and whether it writes the outputs:
+    every rank computes the same result, rank 0 writes it."""
+    if args.cfg_parallel == 1 and args.ulysses == 1 and args.shard is None:
+        return device, True
+    if args.task == "transfer" and args.cfg_parallel != 1:
+        _fail("--cfg-parallel splits the shared denoising loop, which --task transfer does not use (its guidance "
+              "runs its own); --ulysses and --shard apply")
+    if "WORLD_SIZE" not in os.environ:
+        _fail("--cfg-parallel / --ulysses / --shard need several processes: launch with torchrun --nproc-per-node N")
+    import atexit
+
+    import torch.distributed as dist
+
+    from .training.parallel import init_distributed
+
+    info = init_distributed(device.type)
+    if dist.is_initialized():
+        atexit.register(dist.destroy_process_group)  # on every way out of `generate`
+    return info.device, info.is_main
+
+
+def _parallelize(pipe, args: argparse.Namespace) -> None:
+    if args.cfg_parallel != 1 or args.ulysses != 1 or args.shard is not None:
+        from .parallel import parallelize
+
+        parallelize(pipe, cfg=args.cfg_parallel, ulysses=args.ulysses, shard=args.shard)
 
 
 def _transfer_hints(args: argparse.Namespace) -> dict:

@@ -10,21 +10,24 @@ first, e.g. with `cosmos3.training.init_distributed`), splits each denoising ste
 * **Ulysses sequence parallelism** (`ulysses=N`): the generation stream's tokens are sharded over N ranks for the
   generation tower's per-token layers (norms, projections, MLPs); around attention an all-to-all trades the token
   shard for a head shard, so each rank attends with every token of H/N query heads and Hkv/N key/value heads, and
-  a second all-to-all trades back. The cached text keys/values are kept for those heads only. The text tower (once
-  per request) and the embeddings and heads around the layers run whole on each rank.
-* **FSDP** (`shard="fsdp"`): FSDP2 `fully_shard` over each decoder layer, the token embedding, the LM head and the
-  rest of the transformer, over all ranks: each holds 1/world of the weights and gathers one layer at a time. For
-  inference: the transformer's parameters stop requiring grad.
+  a second all-to-all trades back. The cached text keys/values are kept for those heads only (`encode_text` returns
+  them so). The text tower (once per request) and the embeddings and heads around the layers run whole on each
+  rank.
+* **FSDP** (`shard="fsdp"`): FSDP2 `fully_shard` over all ranks, of each decoder layer (the text tower's projections
+  and MLP as groups of their own, so that a denoising step gathers the generation tower only), the token
+  embedding, the LM head and the rest of the transformer: each rank holds 1/world of the weights and gathers them
+  a layer at a time. For inference: the transformer's parameters stop requiring grad.
 
-The ranks form a `("replicate", "cfg", "ulysses")` DeviceMesh, Ulysses innermost, so that its all-to-alls (two per
-layer) stay between neighbouring ranks (one node) and the cfg gather (one per step) may cross nodes. Without FSDP,
-`cfg x ulysses` must be the world size; with it, any divisor of it (the other ranks repeat the same computation
-while holding their share of the weights).
+The ranks form a `("replicate", "cfg", "ulysses")` DeviceMesh, Ulysses innermost, so that its all-to-alls (four per
+layer: queries, keys, values, output) stay between neighbouring ranks (one node) and the cfg gather (one per step)
+may cross nodes. Without FSDP, `cfg x ulysses` must be the world size; with it, any divisor of it (the other ranks
+repeat the same computation while holding their share of the weights).
 
 Every rank draws the same initial noise (give every rank the same seed), sees the same velocity at every step and
 returns the same output, rank 0 included: write files from rank 0 only. Call `parallelize` once, after moving the
 pipeline to this rank's device and after any other `model_step_factory` switch (CUDA graphs): the cfg split wraps
-the step that was set. The pipe is duck-typed (a Cosmos 3 pipeline: `transformer`, `vae`, `model_step_factory`);
+the step that was set. A step cache (`enable_step_cache`) combines with cfg alone: under Ulysses or FSDP every rank
+must run every layer. The pipe is duck-typed (a Cosmos 3 pipeline: `transformer`, `vae`, `model_step_factory`);
 pipelines with their own loop (transfer) get Ulysses and FSDP, which live on the transformer, but not the cfg split.
 """
 
@@ -41,6 +44,8 @@ from .models.attention import gen_attention
 from .models.transformer_cosmos3 import Cosmos3Transformer
 
 SHARDING = (None, "fsdp")
+# `all_gather_into_tensor` became `all_gather_single` in PyTorch 2.13 (the old name warns); 2.11 has the old one.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,11 @@ def parallelize(pipe, *, cfg: int = 1, ulysses: int = 1, shard: str | None = Non
     if done is not None:
         raise ValueError(f"`pipe`'s transformer is already parallelized (cfg={done.cfg}, ulysses={done.ulysses}, "
                          f"shard={done.shard!r}); build a new pipeline to change the plan.")
+    if model.is_cache_enabled and (ulysses > 1 or shard is not None):
+        # A step cache skips layers per sample: FSDP ranks would disagree on which layers gather their weights (a
+        # hang), and under Ulysses the layers hold a token shard, not whole samples.
+        raise ValueError(f"`ulysses`={ulysses} / `shard`={shard!r} do not combine with the step cache enabled on "
+                         "this transformer (`enable_step_cache`); disable it first, or use cfg alone.")
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     ranks = cfg * ulysses
     if world % ranks:
@@ -129,7 +139,7 @@ def _all_gather(x: Tensor, group) -> Tensor:
     """`x` of every rank of `group`, stacked along dim 0 in rank order (equal shapes on every rank)."""
     x = x.contiguous()
     out = x.new_empty(group.size() * x.shape[0], *x.shape[1:])
-    dist.all_gather_into_tensor(out, x, group=group)
+    _all_gather_single(out, x, group=group)
     return out
 
 
@@ -140,6 +150,11 @@ def _fully_shard(model: Cosmos3Transformer, mesh) -> None:
     # stays float32 in a bfloat16 model).
     model.requires_grad_(False)
     for layer in model.layers:
+        # The text tower's projections and MLP in groups of their own: a denoising step runs the generation tower
+        # only, and gathers only it (half of a layer's weights).
+        attn = layer.self_attn
+        for module in (attn.to_q, attn.to_k, attn.to_v, attn.to_out, layer.mlp):
+            fully_shard(module, mesh=mesh)
         fully_shard(layer, mesh=mesh)
         register_fsdp_forward_method(layer, "forward_text")  # the text tower's decoding path (`text_logits`)
     # The embedding runs once per request and the LM head only for text: groups of their own, so a denoising
@@ -212,6 +227,10 @@ class _Ulysses:
         und, gen, text_kv, rope, layout, backend = args  # as `Cosmos3Transformer._layer` calls a layer
         if gen is None:  # the text tower alone (`encode_text`)
             return None
+        if torch.is_grad_enabled() and gen.requires_grad:
+            # the all-to-alls are not differentiable: gradients would stop there without a word
+            raise RuntimeError("Ulysses (`parallelize(ulysses=...)`) is for inference; run the model under "
+                               "torch.no_grad().")
         gen_rope = tuple(self._shard(t) for t in rope[1])
         return und, self._shard(gen) if first else gen, text_kv, (rope[0], gen_rope), layout, backend
 

@@ -10,10 +10,6 @@ import sys
 
 import torch
 
-# Python puts this script's folder first, where tests/tokenizers would shadow the `tokenizers` package: the
-# repository root instead.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 VIDEO = dict(num_frames=9, height=32, width=48, fps=16.0, num_inference_steps=2, output_type="np")
 TEXT = [5, 17, 42, 99, 3]
 
@@ -29,14 +25,24 @@ def build_pipeline():
 
 
 def generate(pipe) -> dict:
-    """A guided batch of two prompts with sound, an unguided single sample, and the text tower's logits."""
+    """A guided batch of two prompts with sound, an unguided single sample, and the text tower's logits; with what
+    this rank ran: the batch of each transformer call, the tokens of the first generation projection, the heads
+    of a text cache."""
+    from cosmos3.models.layout import Cosmos3Sample
+
+    model, seen = pipe.transformer, {"batch": [], "rows": []}
+    model.register_forward_pre_hook(lambda m, args: seen["batch"].append(args[0].batch_size))
+    model.layers[0].self_attn.add_q_proj.register_forward_pre_hook(lambda m, args: seen["rows"].append(len(args[0])))
     gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
     guided = pipe(["a red car", "waves at dusk on a long beach"], negative_prompt=["blurry", None],
                   generator=gens, guidance_scale=4.0, enable_sound=True, **VIDEO)
-    single = pipe("a cat", generator=torch.Generator().manual_seed(2), guidance_scale=1.0, **VIDEO)
-    logits, _ = pipe.transformer.text_logits(torch.tensor(TEXT))
+    # 3 generated tokens: one more than two Ulysses ranks share evenly
+    single = pipe("a cat", generator=torch.Generator().manual_seed(2), guidance_scale=1.0, **{**VIDEO, "width": 32})
+    logits, _ = model.text_logits(torch.tensor(TEXT))
+    cache = model.encode_text(model.build_layout([Cosmos3Sample(text_ids=TEXT, vision_shape=(1, 2, 2))]))
     return {"frames": torch.from_numpy(guided.frames), "sound": guided.sound,
-            "single": torch.from_numpy(single.frames), "logits": logits}
+            "single": torch.from_numpy(single.frames), "logits": logits,
+            "seen": {**seen, "cache_heads": cache.keys[0].shape[1]}}
 
 
 def parse_plan(text: str) -> dict:
@@ -61,9 +67,9 @@ def main():
     for name in args.plan:
         pipe = build_pipeline()
         plan = parallelize(pipe, **parse_plan(name))
-        if plan.shard == "fsdp":  # each rank holds its share of every layer
-            weight = pipe.transformer.layers[0].self_attn.add_q_proj.weight
-            assert weight.to_local().shape[0] * info.world_size == weight.shape[0], weight.to_local().shape
+        if plan.shard == "fsdp":  # each rank holds its share of every weight
+            for n, p in pipe.transformer.named_parameters():
+                assert p.to_local().shape[0] <= -(-p.shape[0] // info.world_size), (n, p.to_local().shape)
         torch.save(generate(pipe), os.path.join(args.out, f"{name}.rank{info.rank}.pt"))
     refused = {}
     for name in args.errors:
@@ -80,4 +86,7 @@ def main():
 
 
 if __name__ == "__main__":
+    # Python put this script's folder first, where tests/tokenizers would shadow the `tokenizers` package: the
+    # repository root instead (imported by the tests, the module leaves sys.path alone).
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     main()

@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "cosmos3"
 LAYERS = [
     {"io", "flow", "assets"},
     {"models", "tokenizers"},
-    {"kernels", "optimize"},
+    {"kernels", "optimize", "parallel", "step_cache"},
     {"conditioning"},
     {"pipelines"},
     {"robotics"},

@@ -841,9 +841,14 @@ def _check_checkpoint_keys(cls, folder: str, variant: str | None = None) -> None
         )
     found: dict[str, tuple[int, ...]] = {}
     for path in files:
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                found[key] = tuple(f.get_slice(key).get_shape())
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                    found[key] = tuple(f.get_slice(key).get_shape())
+        except Exception as e:  # safetensors' own error type: a truncated or foreign file
+            if isinstance(e, (MemoryError, KeyboardInterrupt)):
+                raise
+            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
     config = cls.load_config(folder)
     with torch.device("meta"):
         model = cls.from_config(config)

@@ -37,6 +37,7 @@ from ..conditioning import Cosmos3Request, check_video_size, guide, keep_clean, 
 from ..models.layout import Cosmos3Layout
 from ..models.transformer_cosmos3 import Cosmos3RotaryEmbedding, Cosmos3Transformer
 from ..optimize import CUDAGraphStep, offload_text_tower
+from ..step_cache import enable_pipeline_step_cache
 from ..tokenizers.sound import Cosmos3SoundTokenizer
 from ..tokenizers.text import PromptSettings, encode_prompts
 from ..tokenizers.vision import Cosmos3VisionTokenizer
@@ -159,11 +160,18 @@ class CallLimits:
             positions grow with them; published prompts are a few hundred tokens).
         max_inference_steps: denoising steps (the reference's defaults are 35-50).
         max_new_tokens: tokens `Cosmos3TextGenerationPipeline` may generate per prompt.
+        max_batch_size: samples of one call (prompts x `num_*_per_prompt`).
+        max_frames: pixel frames of one generated clip or transfer window (the reference's longest is 189);
+            `height x width` is bounded by `max_pixels`.
+        max_pixels: pixels of one frame (720p is 0.92 M).
     """
 
     max_prompt_tokens: int = 4096
     max_inference_steps: int = 1000
     max_new_tokens: int = 8192
+    max_batch_size: int = 256
+    max_frames: int = 2049
+    max_pixels: int = 4096 * 4096
 
 
 def check_prompt_ids(ids: list[list[int]], limits: CallLimits, name: str = "prompt") -> None:
@@ -194,8 +202,13 @@ def check_component_configs(folder: str, skip: set[str] = frozenset()) -> None:
     index_path = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index_path):
         return  # diffusers' own error names the missing file
-    with open(index_path) as f:
-        index = json.load(f)
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except ValueError as e:  # not JSON, or not text at all
+        raise ValueError(f"{index_path} is not valid JSON: {e}") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"{index_path} must hold a JSON object, got {type(index).__name__}.")
     for name, entry in index.items():
         if name in skip or name == "transformer" or not isinstance(entry, list) or entry[:1] != ["diffusers"]:
             continue
@@ -207,7 +220,7 @@ def check_component_configs(folder: str, skip: set[str] = frozenset()) -> None:
         if not os.path.isfile(path):
             continue
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 config = json.load(f)
         except ValueError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
@@ -353,6 +366,9 @@ class Cosmos3PipelineBase(DiffusionPipeline):
             kwargs["transformer"] = Cosmos3Transformer.from_pretrained(sub, dtype=dtype, variant=kwargs.get("variant"))
         kwargs.setdefault("enable_safety_checker", False)
         kwargs.setdefault("safety_checker", None)
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("cosmos3 loads safetensors only (`use_safetensors=False` would unpickle weights).")
+        kwargs["use_safetensors"] = True  # diffusers would fall back to unpickling a .bin when a file is missing
         check_component_configs(str(pretrained_model_name_or_path), skip=set(kwargs))
         modular = read_modular_index(str(pretrained_model_name_or_path))
         for key in MODULAR_CONFIG_KEYS:
@@ -440,6 +456,15 @@ class Cosmos3PipelineBase(DiffusionPipeline):
         self._graph_capture = bool(capture)
         self._graph_step = None
         self.model_step_factory = type(self).graph_model_step if enabled else None
+
+    def enable_step_cache(self, config="balanced") -> None:
+        """Reuse the generation tower's residual on steps where the latents barely changed (cosmos3.step_cache).
+
+        `config`: a preset, "quality", "balanced" (diffusers' default SeaCache) or "fast", a `SeaCacheConfig` or a
+        `FirstBlockCacheConfig` (diffusers' classes), or None to turn caching off. Each sample of a batch decides
+        for itself. Call after `enable_cuda_graphs(capture=False)` if both are wanted (captured graphs cannot skip).
+        """
+        enable_pipeline_step_cache(self, config)
 
     def enable_vae_tiling(self, tile_sample_min_height: int | None = None, tile_sample_min_width: int | None = None,
                           tile_sample_stride_height: int | None = None,
@@ -541,8 +566,12 @@ class Cosmos3PipelineBase(DiffusionPipeline):
             negatives = [None] * len(prompts)
         elif len(negatives) == 1:
             negatives = negatives * len(prompts)
-        if not isinstance(per_prompt, int) or per_prompt < 1:
+        if not isinstance(per_prompt, int) or isinstance(per_prompt, bool) or per_prompt < 1:
             raise ValueError(f"`num_*_per_prompt` must be a positive int, got {per_prompt!r}.")
+        if len(prompts) * per_prompt > self.limits.max_batch_size:
+            raise ValueError(f"{len(prompts)} prompts x `num_*_per_prompt`={per_prompt} is over the limit of "
+                             f"{self.limits.max_batch_size} samples per call (`pipe.limits = "
+                             "CallLimits(max_batch_size=...)` raises it).")
         prompts = [p for p in prompts for _ in range(per_prompt)]
         negatives = [n for n in negatives for _ in range(per_prompt)]
         return prompts, negatives
@@ -573,6 +602,15 @@ class Cosmos3PipelineBase(DiffusionPipeline):
         if bad:
             raise ValueError(f"`callback_on_step_end_tensor_inputs` {bad} are not in {self._callback_tensor_inputs}.")
 
+    def check_extent(self, num_frames: int, height: int, width: int) -> None:
+        """Refuse clips larger than `self.limits` allows before any tensor of that size is made."""
+        if num_frames > self.limits.max_frames:
+            raise ValueError(f"`num_frames`={num_frames} is over the limit of {self.limits.max_frames} "
+                             "(`pipe.limits = CallLimits(max_frames=...)` raises it).")
+        if height * width > self.limits.max_pixels:
+            raise ValueError(f"{height}x{width} is over the limit of {self.limits.max_pixels} pixels per frame "
+                             "(`pipe.limits = CallLimits(max_pixels=...)` raises it).")
+
     def prepare_requests(self, prompt, negative_prompt=None, *, num_per_prompt: int = 1, num_frames: int,
                          height: int, width: int, fps: float = 24.0, enable_sound: bool = False,
                          use_system_prompt: bool | None = None, add_resolution_template: bool = True,
@@ -581,6 +619,7 @@ class Cosmos3PipelineBase(DiffusionPipeline):
         tasks add their conditioning latents). Also what distillation trains a student on (`pipeline_prompts`)."""
         check_video_size(num_frames, height, width, temporal_factor=int(self.vae.config.scale_factor_temporal),
                          spatial_factor=int(self.vae.config.scale_factor_spatial))
+        self.check_extent(num_frames, height, width)
         if not isinstance(fps, (int, float)) or isinstance(fps, bool) or not math.isfinite(fps) or fps <= 0:
             raise ValueError(f"`fps` must be a positive number, got {fps!r}.")
         if enable_sound and (self.sound_tokenizer is None or not self.transformer.config.sound_gen):

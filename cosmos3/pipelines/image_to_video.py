@@ -65,7 +65,7 @@ class Cosmos3ImageToVideoPipeline(Cosmos3PipelineBase):
         self.check_call(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
         if image is None:
             raise ValueError("`image` is required for image-to-video.")
-        if num_frames == 1:
+        if isinstance(num_frames, int) and num_frames == 1:  # other bad values: the size check names them
             raise ValueError("`num_frames` must be > 1 for image-to-video (1 frame would just be the image).")
         requests = self.prepare_requests(
             prompt, negative_prompt, num_per_prompt=num_videos_per_prompt, num_frames=num_frames, height=height,

@@ -155,7 +155,9 @@ class Cosmos3TransferPipeline(Cosmos3PipelineBase):
         if not isinstance(fps, (int, float)) or isinstance(fps, bool) or not math.isfinite(fps) or fps <= 0:
             raise ValueError(f"`fps` must be a positive number, got {fps!r}.")
 
+        self.check_extent(1, height, width)
         prompts, negatives = self.expand_prompts(prompt, negative_prompt, 1)
+        self.expand_prompts(prompts, None, num_videos_per_prompt)  # checks `num_videos_per_prompt` and the batch size
         hints = _per_prompt("control_videos", control_videos, len(prompts), 1, clips=True)
         seeds = _per_prompt("video", video, len(prompts), 1, clips=True)
         settings = self.prompt_settings(1, height, width, fps, use_system_prompt, add_resolution_template=False,
@@ -171,6 +173,7 @@ class Cosmos3TransferPipeline(Cosmos3PipelineBase):
             total = max(1, min(controls[0].shape[2], num_frames or controls[0].shape[2]))
             window = chunk_geometry(total, num_video_frames_per_chunk, num_conditional_frames,
                                     int(self.vae.config.scale_factor_temporal))
+            self.check_extent(max(total, window[0]), height, width)
             controls = [pad_time(x, max(total, window[0])) for x in controls]
             seed = None
             if v is not None and num_first_chunk_conditional_frames > 0:

@@ -48,7 +48,7 @@ class Cosmos3VideoToVideoPipeline(Cosmos3PipelineBase):
         self.check_call(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
         if video is None:
             raise ValueError("`video` is required for video-to-video.")
-        if num_frames == 1:
+        if isinstance(num_frames, int) and num_frames == 1:  # other bad values: the size check names them
             raise ValueError("`num_frames` must be > 1 for video-to-video.")
         if condition_video_keep not in ("first", "last"):
             raise ValueError(f"`condition_video_keep` must be 'first' or 'last', got {condition_video_keep!r}.")

@@ -145,6 +145,7 @@ class Cosmos3WorldActionPipeline(Cosmos3PipelineBase):
                 raise ValueError(f"{req.domain_name} actions are {req.raw_action_dim} wide, over the model's "
                                  f"action_dim={action_dim}.")
             num_frames = req.chunk_size + 1
+            self.check_extent(num_frames, 16, 16)  # the canvas is the tier's; the chunk is the caller's
             latent_t = (num_frames - 1) // tcf + 1
             condition_frames, action_condition = action_mode_conditioning(req.mode, latent_t, req.chunk_size)
             # Only the frames the conditioning latents depend on are placed and encoded (the first one, but for

@@ -16,6 +16,10 @@ Protocol (the same as openpi's ``WebsocketPolicyServer`` / ``WebsocketClientPoli
   ``{"infer_ms", "queue_ms", "prev_total_ms"}`` (``prev_total_ms``, from the second request on, is the previous
   request's receive-to-sent time, as openpi computes it);
 * ``GET /healthz`` answers ``200 OK`` (a plain HTTP request, no WebSocket upgrade).
+* ``GET /metrics`` answers the server's metrics in Prometheus' text format (version 0.0.4): request latency
+  (a histogram, and p50 / p90 / p99 over the last 1024 requests), queue wait, requests served and errors by type,
+  open connections, running and waiting inferences; with dynamic batching (``--max-batch``) also batch sizes
+  and the batcher's queue depth (any policy with a ``prometheus_metrics()`` method adds its own lines).
 
 msgpack-numpy: arrays pack as maps ``{b"__ndarray__": True, b"data": bytes, b"dtype": dtype.str, b"shape": [...]}``,
 numpy scalars as ``{b"__npgeneric__": True, b"data": item, b"dtype": dtype.str}`` (openpi_client.msgpack_numpy's
@@ -56,6 +60,10 @@ Beyond openpi's server (which serves one request at a time, without limits):
 * A client that drops mid-request only ends its own connection; its inference finishes (holding its slot) and the
   result is discarded.
 
+Dynamic batching (``--max-batch N``, `cosmos3.robotics.batching.BatchingPolicy`): concurrent requests whose
+observations have the same shapes wait up to ``--max-wait-ms`` for each other and run as one batched model call;
+each gets what it would have got alone (see that module for the order and the error handling).
+
 The worker threads are fresh daemon threads per request: thread-local state such as torch's grad mode is the
 default in each call, so a policy sets ``torch.inference_mode()`` inside ``infer``.
 
@@ -74,6 +82,7 @@ import math
 import signal
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -97,6 +106,12 @@ DEFAULT_IDLE_TIMEOUT_S = 600.0
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
 DEFAULT_MAX_PENDING = 8
 HEALTH_PATH = "/healthz"
+METRICS_PATH = "/metrics"
+METRICS_PREFIX = "cosmos3_policy"
+# seconds; a chunk takes milliseconds on a GPU and up to minutes on a CPU
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+LATENCY_WINDOW = 1024  # requests the latency quantiles are computed over
+LATENCY_QUANTILES = (0.5, 0.9, 0.99)
 _MAX_ERROR_CHARS = 2000
 _REFUSED_KINDS = ("V", "O", "c")  # void/structured, object, complex: as openpi_client.msgpack_numpy refuses
 
@@ -189,6 +204,74 @@ def _resolve_metadata(policy: Any, metadata: Mapping | None) -> dict:
     return dict(metadata)
 
 
+class _Histogram:
+    """A Prometheus histogram (cumulative buckets, sum, count)."""
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+        self.total += value
+        self.count += 1
+
+    def lines(self, name: str, help_text: str) -> list[str]:
+        out = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        out += [f'{name}_bucket{{le="{bound:g}"}} {n}' for bound, n in zip(self.bounds, self.counts)]
+        out += [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.total:.6f}",
+                f"{name}_count {self.count}"]
+        return out
+
+
+class _Metrics:
+    """What `GET /metrics` reports. Updated and read on the server's event loop only, so it needs no lock."""
+
+    def __init__(self):
+        self.latency = _Histogram(LATENCY_BUCKETS)
+        self.queue_wait = _Histogram(LATENCY_BUCKETS)
+        self.recent: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.outcomes: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.connections = 0
+
+    def observe_request(self, seconds: float, ok: bool) -> None:
+        self.latency.observe(seconds)
+        self.recent.append(seconds)
+        self.outcomes["ok" if ok else "error"] += 1
+
+    def render(self, running: int, waiting: int, max_concurrency: int) -> str:
+        p = METRICS_PREFIX
+        lines = self.latency.lines(f"{p}_request_duration_seconds",
+                                   "Seconds from receiving a request to sending its reply.")
+        lines += [f"# HELP {p}_request_latency_seconds Request latency quantiles over the last {LATENCY_WINDOW} "
+                  "requests.", f"# TYPE {p}_request_latency_seconds summary"]
+        recent = np.asarray(self.recent, dtype=np.float64)
+        for q in LATENCY_QUANTILES:
+            value = f"{np.quantile(recent, q):.6f}" if recent.size else "NaN"
+            lines.append(f'{p}_request_latency_seconds{{quantile="{q:g}"}} {value}')
+        # a summary's sum and count are cumulative, as Prometheus expects; only the quantiles are windowed
+        lines += [f"{p}_request_latency_seconds_sum {self.latency.total:.6f}",
+                  f"{p}_request_latency_seconds_count {self.latency.count}"]
+        lines += self.queue_wait.lines(f"{p}_queue_wait_seconds", "Seconds requests waited for an inference slot.")
+        lines += [f"# HELP {p}_requests_total Requests answered, by outcome.", f"# TYPE {p}_requests_total counter"]
+        lines += [f'{p}_requests_total{{outcome="{o}"}} {self.outcomes[o]}' for o in ("ok", "error")]
+        lines += [f"# HELP {p}_errors_total Error replies, by error type.", f"# TYPE {p}_errors_total counter"]
+        lines += [f'{p}_errors_total{{type="{t}"}} {n}' for t, n in sorted(self.errors.items())]
+        for name, value, help_text in (
+            ("connections", self.connections, "Open WebSocket connections."),
+            ("inferences_running", running, "Inference calls running (a timed-out one until it returns)."),
+            ("requests_waiting", waiting, "Requests waiting for an inference slot."),
+            ("max_concurrency", max_concurrency, "Inference slots."),
+        ):
+            lines += [f"# HELP {p}_{name} {help_text}", f"# TYPE {p}_{name} gauge", f"{p}_{name} {value}"]
+        return "\n".join(lines) + "\n"
+
+
 class PolicyServer:
     """Serve ``policy.infer`` over WebSocket (openpi's protocol); see the module docstring for the behaviour.
 
@@ -241,6 +324,7 @@ class PolicyServer:
         self._slots: asyncio.Semaphore | None = None
         self._waiting = 0
         self._running = 0  # inference threads alive (a timed-out one included until it returns)
+        self._metrics = _Metrics()
         self._conn_ids = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -353,9 +437,26 @@ class PolicyServer:
     # -- HTTP ----------------------------------------------------------------------------------------------------------
 
     def _process_request(self, connection: Any, request: Any) -> Any:
-        if urlsplit(request.path).path == HEALTH_PATH:
+        path = urlsplit(request.path).path
+        if path == HEALTH_PATH:
             return connection.respond(http.HTTPStatus.OK, "OK\n")
+        if path == METRICS_PATH:
+            response = connection.respond(http.HTTPStatus.OK, self.metrics_text())
+            del response.headers["Content-Type"]  # Headers is a multi-dict: assigning would add a second one
+            response.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
+            return response
         return None  # go on with the WebSocket handshake
+
+    def metrics_text(self) -> str:
+        """What `GET /metrics` answers: Prometheus' text format, the policy's own metrics appended."""
+        text = self._metrics.render(self._running, self._waiting, self.max_concurrency)
+        extra = getattr(self.policy, "prometheus_metrics", None)
+        if callable(extra):
+            try:
+                text += extra(METRICS_PREFIX)
+            except Exception:  # a broken policy hook must not take the server's own metrics down
+                logger.exception("the policy's prometheus_metrics() failed")
+        return text
 
     # -- WebSocket -----------------------------------------------------------------------------------------------------
 
@@ -368,6 +469,7 @@ class PolicyServer:
         logger.info("connection %d from %s opened", cid, peer)
         closed = asyncio.ensure_future(ws.wait_closed())
         served = errors = 0
+        self._metrics.connections += 1
         prev_total_s: float | None = None
         try:
             await ws.send(self._metadata_frame)
@@ -386,6 +488,7 @@ class PolicyServer:
                 reply, ok = await self._serve_request(message, prev_total_s, closed, cid)
                 await ws.send(reply)
                 prev_total_s = time.monotonic() - start
+                self._metrics.observe_request(prev_total_s, ok)
                 served += ok
                 errors += not ok
         except ConnectionClosed as exc:
@@ -403,6 +506,7 @@ class PolicyServer:
             logger.exception("connection %d from %s: unexpected server error", cid, peer)
         finally:
             closed.cancel()
+            self._metrics.connections -= 1
             logger.info("connection %d from %s closed (%d requests served, %d errors)", cid, peer, served, errors)
 
     async def _serve_request(
@@ -435,6 +539,7 @@ class PolicyServer:
             return self._error_frame(_exc_message(exc), type(exc).__name__, timing), False
 
     def _error_frame(self, message: str, type_name: str, timing: dict) -> bytes | str:
+        self._metrics.errors[type_name] += 1  # every error reply is built here
         message = message[:_MAX_ERROR_CHARS]
         if self.error_format == "text":
             return f"{type_name}: {message}"
@@ -480,6 +585,7 @@ class PolicyServer:
         else:
             await slots.acquire()
         timing["queue_ms"] = (time.monotonic() - t0) * 1000
+        self._metrics.queue_wait.observe(timing["queue_ms"] / 1000)
 
         t1 = time.monotonic()
         self._running += 1
@@ -570,6 +676,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--error-format", choices=["text", "packed"], default="text",
                         help="error replies as text frames, which openpi-client raises as RuntimeError (default, "
                              "openpi's convention), or as packed dicts {'error', 'type'}, which it returns as results")
+    parser.add_argument("--max-batch", type=int, default=1,
+                        help="dynamic batching: run up to this many concurrent requests whose observations have the "
+                             "same shapes as one batched model call (default 1: no batching); raises "
+                             "--max-concurrency to at least this, so that batches can fill")
+    parser.add_argument("--max-wait-ms", type=float, default=None,
+                        help="dynamic batching: how long a request waits for others to join its batch (default "
+                             "5 ms; needs --max-batch above 1)")
     return parser
 
 
@@ -577,17 +690,41 @@ def run_serve(args: argparse.Namespace, make_policy: Callable[[str, argparse.Nam
     """Build the policy with ``make_policy(args.policy, args)`` and serve it until Ctrl-C / SIGTERM."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    max_batch = getattr(args, "max_batch", 1)
+    max_wait_ms = getattr(args, "max_wait_ms", None)
+    if max_batch < 1:
+        raise ValueError(f"--max-batch must be >= 1, got {max_batch}")
+    if max_wait_ms is not None and max_batch == 1:
+        raise ValueError(f"--max-wait-ms {max_wait_ms:g} needs --max-batch above 1 (batching is off at 1)")
+    if max_wait_ms is not None and max_wait_ms < 0:
+        raise ValueError(f"--max-wait-ms must be >= 0, got {max_wait_ms:g}")
     policy = make_policy(args.policy, args)
+    max_concurrency = args.max_concurrency
+    if max_batch > 1:
+        from .batching import DEFAULT_MAX_WAIT_MS, BatchingPolicy
+
+        policy = BatchingPolicy(policy, max_batch=max_batch,
+                                max_wait_ms=DEFAULT_MAX_WAIT_MS if max_wait_ms is None else max_wait_ms)
+        if max_concurrency < max_batch:
+            # each request in a batch holds a server slot while it waits: fewer slots than max_batch cap the batch
+            logger.info("--max-batch %d: raising --max-concurrency from %d to %d", max_batch, max_concurrency,
+                        max_batch)
+            max_concurrency = max_batch
     server = PolicyServer(
         policy,
         host=args.host,
         port=args.port,
-        max_concurrency=args.max_concurrency,
+        max_concurrency=max_concurrency,
         inference_timeout_s=args.timeout,
         idle_timeout_s=args.idle_timeout,
         max_message_bytes=int(args.max_message_mb * 2**20),
         max_pending=args.max_pending,
         error_format=args.error_format,
     )
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    finally:
+        close = getattr(policy, "close", None)
+        if max_batch > 1 and callable(close):
+            close()
     return 0

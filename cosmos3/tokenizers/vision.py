@@ -114,10 +114,18 @@ def preprocess_video(video, height: int | None = None, width: int | None = None,
         if not video:
             raise ValueError(f"`{name}` is empty: give at least one frame.")
         for i, frame in enumerate(video):
+            if not isinstance(frame, (np.ndarray, Tensor, Image.Image)):
+                raise TypeError(f"`{name}` frame {i} must be a PIL image, numpy array or tensor, got "
+                                f"{type(frame).__name__}.")
             rgb = isinstance(frame, (np.ndarray, Tensor)) and frame.ndim == 3 and 3 in (frame.shape[-1], frame.shape[0])
             if isinstance(frame, (np.ndarray, Tensor)) and not rgb:
                 raise ValueError(f"`{name}` frame {i} must be an RGB image ([H, W, 3] or [3, H, W]), got shape "
                                  f"{tuple(frame.shape)} (grayscale and RGBA images: convert them to RGB).")
+            size = frame.size if isinstance(frame, Image.Image) else (
+                frame.shape[:2] if frame.shape[-1] == 3 else frame.shape[1:])
+            if min(size) < 16:
+                raise ValueError(f"`{name}` frame {i} is {size[0]}x{size[1]} pixels; frames must be at least 16x16 "
+                                 "(the VAE's 16x downsampling).")
         if all(isinstance(f, np.ndarray) and f.dtype == np.uint8 for f in video):
             video = [Image.fromarray(np.ascontiguousarray(f)) for f in video]
         # grayscale, palette or RGBA PIL images are read as RGB, as image-to-video reads them (RGB ones are unchanged)

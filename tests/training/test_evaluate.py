@@ -77,3 +77,85 @@ def test_forward_dynamics_psnr_compares_on_the_canvas(tmp_path):
     # a model that holds the first frame scores exactly the hold baseline: same frames, same canvas, same crop
     assert result["psnr"] == pytest.approx(result["hold_first_frame_psnr"], abs=0.05)
     assert 10 < result["hold_first_frame_psnr"] < 60 and np.isfinite(result["vae_round_trip_psnr"])
+
+
+# ------------------------------------------------------------------------------------------------ edge agreement
+
+
+def test_edge_f1_matches_within_one_pixel_only():
+    square = np.zeros((2, 16, 16, 3), np.uint8)
+    square[:, 4:12, 4] = square[:, 4:12, 11] = square[:, 4, 4:12] = square[:, 11, 4:12] = 255
+    assert evaluate.edge_f1(square, square) == {"f1": 1.0, "precision": 1.0, "recall": 1.0}
+    shifted = np.roll(square, 1, axis=2)
+    assert evaluate.edge_f1(shifted, square)["f1"] == 1.0  # within the 3x3 tolerance
+    assert evaluate.edge_f1(shifted, square, tolerance=0)["f1"] < 0.6
+    assert evaluate.edge_f1(np.roll(square, 3, axis=2), square)["f1"] < 0.6
+    empty = np.zeros_like(square)
+    assert evaluate.edge_f1(empty, empty)["f1"] == 1.0
+    assert evaluate.edge_f1(empty, square)["f1"] == evaluate.edge_f1(square, empty)["f1"] == 0.0
+    with pytest.raises(ValueError, match="different shapes"):
+        evaluate.edge_f1(square[:1], square)
+
+
+@pytest.fixture(scope="module")
+def shape_clips(tmp_path_factory):
+    root = synthetic.write_folder_dataset(tmp_path_factory.mktemp("clips") / "d", 0, 1, size=64, frames=5,
+                                          n_heldout=12)
+    return root, *evaluate.heldout_clips(root, 4, size=64, frames=5)
+
+
+class SourcePipe:
+    """Stands in for the transfer pipeline: returns the clip its prompt was rendered from (`shift`: the clip of the
+    prompt `shift` places further on), as floats in [0, 1]; checks each call got the clip's own edge map."""
+
+    def __init__(self, clips, prompts, shift=0):
+        from cosmos3.tokenizers.control import edge_map
+
+        self.clips, self.prompts, self.shift = clips, list(prompts), shift
+        self.edges = {p: edge_map(c) for c, p in zip(clips, prompts)}
+
+    def __call__(self, prompts, control_videos, generator, height, width, num_inference_steps, guidance_scale,
+                 control_guidance, fps, output_type):
+        assert len(generator) == len(prompts) == len(control_videos) and output_type == "np"
+        frames = []
+        for prompt, hints in zip(prompts, control_videos):
+            assert set(hints) == {"edge"} and np.array_equal(hints["edge"], self.edges[prompt])
+            i = (self.prompts.index(prompt) + self.shift) % len(self.prompts)
+            frames.append(self.clips[i].astype(np.float32) / 255)
+        return SimpleNamespace(frames=np.stack(frames))
+
+
+def test_edge_agreement_is_one_for_the_source_and_lower_for_other_clips(shape_clips):
+    _, clips, prompts = shape_clips
+    assert len(clips) == 4 and clips[0].shape == (5, 64, 64, 3) and clips[0].dtype == np.uint8
+    same = evaluate.edge_agreement(SourcePipe(clips, prompts), clips, prompts, batch_size=3, round_trip=False)
+    assert same["n"] == 4 and same["f1"] == 1.0 and same["per_clip_f1"] == [1.0] * 4
+    assert all(np.array_equal(g, c) for g, c in zip(same["frames"], clips))
+    other = evaluate.edge_agreement(SourcePipe(clips, prompts, shift=1), clips, prompts, round_trip=False)
+    assert other["f1"] < 0.8 * same["f1"]
+    # the shuffled baseline is exactly what a pipeline drawing the next clip gets
+    assert other["f1"] == pytest.approx(same["shuffled"]["f1"])
+    with pytest.raises(ValueError, match="one prompt per clip"):
+        evaluate.edge_agreement(SourcePipe(clips, prompts), clips, prompts[:2])
+
+
+def test_edge_agreement_runs_a_tiny_random_model(shape_clips, tiny_tokenizer, tmp_path):
+    from cosmos3.pipelines import Cosmos3TextToVideoPipeline, Cosmos3TransferPipeline
+    from cosmos3.testing import save_tiny_pipeline, tiny_parts
+
+    root, clips, prompts = shape_clips
+    parts = tiny_parts(tiny_tokenizer)
+    for cls, hint in ((Cosmos3TransferPipeline, True), (Cosmos3TextToVideoPipeline, False)):
+        pipe = cls(**parts)
+        pipe.set_progress_bar_config(disable=True)
+        result = evaluate.edge_agreement(pipe, clips[:2], prompts[:2], hint=hint, num_inference_steps=2,
+                                         guidance_scale=2.0)
+        assert result["n"] == 2 and result["frames"][0].shape == clips[0].shape
+        for figure in (result, result["shuffled"], result["vae_round_trip"]):
+            assert all(0 <= figure[k] <= 1 for k in ("f1", "precision", "recall"))
+
+    folder = save_tiny_pipeline(tmp_path / "tiny", tiny_tokenizer)
+    cli = evaluate.main(["transfer", "--model", folder, "--data", root, "--n", "2", "--frames", "5", "--steps", "2",
+                         "--save", str(tmp_path / "grid.png")])
+    assert cli["n"] == 2 and 0 <= cli["f1"] <= 1 and "frames" not in cli
+    assert (tmp_path / "grid.png").is_file()
