@@ -91,8 +91,7 @@ def test_sea_cache_matches_reference(components, task):
     reference.transformer.enable_cache(SeaCacheConfig())
     calls = record_reference_decisions(reference)
     expected = read_reference(call_reference(reference, generator=gen(0), guidance_scale=4.0))
-    ours.transformer.enable_cache(SeaCacheConfig())  # as on the reference, then the pipeline gives the contexts
-    ours.enable_step_cache(SeaCacheConfig())
+    ours.transformer.enable_cache(SeaCacheConfig())  # the diffusers habit, unchanged: the pipeline enters contexts
     got = read_ours(call_ours(ours, generator=gen(0), guidance_scale=4.0))
 
     decisions = step_cache_decisions(ours.transformer)

@@ -37,7 +37,7 @@ from ..conditioning import Cosmos3Request, check_video_size, guide, keep_clean, 
 from ..models.layout import Cosmos3Layout
 from ..models.transformer_cosmos3 import Cosmos3RotaryEmbedding, Cosmos3Transformer
 from ..optimize import CUDAGraphStep, offload_text_tower
-from ..step_cache import enable_pipeline_step_cache
+from ..step_cache import cached_step_factory, enable_pipeline_step_cache
 from ..tokenizers.sound import Cosmos3SoundTokenizer
 from ..tokenizers.text import PromptSettings, encode_prompts
 from ..tokenizers.vision import Cosmos3VisionTokenizer
@@ -707,6 +707,9 @@ class Cosmos3PipelineBase(DiffusionPipeline):
         state.layout = self.transformer.build_layout(
             samples, temporal_compression=int(self.vae.config.scale_factor_temporal))
         factory = self.model_step_factory or type(self).eager_model_step
+        if self.transformer.is_cache_enabled and not getattr(factory, "is_step_cache", False):
+            # `pipe.transformer.enable_cache(SeaCacheConfig())`, the diffusers habit: steps enter the cache context
+            factory = cached_step_factory(self.model_step_factory)
         state.model_step = factory(self, state.layout, self.step_inputs(state))
 
     def step_inputs(self, state: DenoisingState) -> tuple[Tensor, Tensor | None, Tensor | None]:
