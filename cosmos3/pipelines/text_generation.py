@@ -90,10 +90,15 @@ class Cosmos3TextGenerationPipeline(DiffusionPipeline):
         if max_new_tokens > self.limits.max_new_tokens:
             raise ValueError(f"`max_new_tokens`={max_new_tokens} is over the limit of {self.limits.max_new_tokens} "
                              "(`pipe.limits = CallLimits(max_new_tokens=...)` raises it).")
-        if not temperature >= 0:
-            raise ValueError(f"`temperature` must be >= 0 (0: greedy), got {temperature!r}.")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"`top_p` must be in (0, 1], got {top_p!r}.")
+        def real(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        if not real(temperature) or not temperature >= 0 or temperature == float("inf"):
+            raise ValueError(f"`temperature` must be a finite number >= 0 (0: greedy), got {temperature!r}.")
+        if not real(top_p) or not 0 < top_p <= 1:
+            raise ValueError(f"`top_p` must be a number in (0, 1], got {top_p!r}.")
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise TypeError(f"`system_prompt` must be a str or None, got {type(system_prompt).__name__}.")
         generators = generator if isinstance(generator, list) else [generator] * len(prompts)
         if len(generators) != len(prompts):
             raise ValueError(f"`generator` is a list of {len(generators)} for {len(prompts)} prompts.")

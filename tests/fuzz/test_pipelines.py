@@ -83,3 +83,26 @@ def test_world_action_requests(pipes, field, value):
         pipes["world_action"]("pick it up", ActionRequest(**fields), num_inference_steps=1, output_type="latent")
 
     outcome(call)
+
+
+@SETTINGS
+@given(name=st.sampled_from(["prompt", "negative_prompt", "height", "width", "num_images_per_prompt",
+                             "guidance_scale", "generator", "output_type"]), value=ANYTHING)
+def test_text_to_image_arguments(pipes, name, value):
+    kwargs = dict(prompt="a red car", height=32, width=32, **SMALL)
+    kwargs[name] = value
+    outcome(lambda: pipes["t2i"](**kwargs))
+
+
+@SETTINGS
+@given(name=st.sampled_from(["prompt", "max_new_tokens", "temperature", "top_p", "generator", "system_prompt"]),
+       value=ANYTHING)
+def test_text_generation_arguments(pipes, name, value):
+    from cosmos3.pipelines import Cosmos3TextGenerationPipeline
+
+    t2v = pipes["t2v"]
+    pipe = Cosmos3TextGenerationPipeline(transformer=t2v.transformer, text_tokenizer=t2v.text_tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt="hello", max_new_tokens=2)
+    kwargs[name] = value
+    outcome(lambda: pipe(**kwargs))
