@@ -96,7 +96,7 @@ class Cosmos3TextGenerationPipeline(DiffusionPipeline):
         if not real(temperature) or not temperature >= 0 or temperature == float("inf"):
             raise ValueError(f"`temperature` must be a finite number >= 0 (0: greedy), got {temperature!r}.")
         if not real(top_p) or not 0 < top_p <= 1:
-            raise ValueError(f"`top_p` must be a number in (0, 1], got {top_p!r}.")
+            raise ValueError(f"`top_p` must be in (0, 1] (a number), got {top_p!r}.")
         if system_prompt is not None and not isinstance(system_prompt, str):
             raise TypeError(f"`system_prompt` must be a str or None, got {type(system_prompt).__name__}.")
         generators = generator if isinstance(generator, list) else [generator] * len(prompts)
