@@ -652,15 +652,14 @@ class Cosmos3PipelineBase(DiffusionPipeline):
         """
         device = self._execution_device
         given = self.check_latents(latents, requests)
-        vision, sounds, actions, masks = [], [], [], []
+        vision, sounds, actions = [], [], []
         for b, (r, g) in enumerate(zip(requests, generators)):
-            mask = r.clean_mask("vision", device)
             if given is None:
                 noise = randn_tensor((1, *r.vision_shape), generator=g, device=device, dtype=torch.float32)[0]
             else:
                 noise = given[b].to(device=device, dtype=torch.float32)
-            vision.append(keep_clean(noise, r.vision, mask) if r.vision_condition_frames else noise)
-            masks.append(mask)
+            vision.append(keep_clean(noise, r.vision, r.clean_mask("vision", device)) if r.vision_condition_frames
+                          else noise)
             if r.sound_length:
                 shape = (self.transformer.config.sound_dim, r.sound_length)
                 sounds.append(randn_tensor(shape, generator=g, device=device, dtype=torch.float32))
@@ -671,7 +670,7 @@ class Cosmos3PipelineBase(DiffusionPipeline):
                 actions.append(noise)
         state = DenoisingState(requests=requests, generators=generators, vision=torch.stack(vision),
                                sound=torch.stack(sounds) if sounds else None,
-                               action=torch.stack(actions) if actions else None, vision_masks=masks)
+                               action=torch.stack(actions) if actions else None)
         if state.action is not None:
             padded = torch.zeros_like(state.action[:, 0], dtype=torch.bool)  # [B, action_dim]
             for b, r in enumerate(requests):
@@ -762,7 +761,8 @@ class Cosmos3PipelineBase(DiffusionPipeline):
 
     def guided_velocity(self, state: DenoisingState, t: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """The model's velocities at `t` in float32, guided (`v_u + g (v_c - v_u)`) for every stream."""
-        out = state.model_step(*_at(self.step_inputs(state), t))
+        vision, sound, action = self.step_inputs(state)
+        out = state.model_step(vision, t, sound, action)
         velocities = [out[0].float(), None if state.sound is None else out[1].float(), None]
         if state.action is not None:
             repeat = 2 if state.cfg else 1
@@ -867,7 +867,6 @@ class DenoisingState:
     vision: Tensor  # [B, C, T, h, w] float32
     sound: Tensor | None  # [B, C_s, T_s]
     action: Tensor | None  # [B, chunk, action_dim]
-    vision_masks: list[Tensor]  # per sample [1, T, 1, 1]: 1 at clean latent frames
     action_padded: Tensor | None = None  # [B, 1, action_dim]: True past each sample's raw width
     action_noisy: list[bool] | None = None  # per sample: any action token generated
     layout: Cosmos3Layout | None = None
@@ -882,7 +881,3 @@ class DenoisingState:
 def _raw_width(r: Cosmos3Request) -> int:
     return r.action.shape[1] if r.raw_action_dim is None else r.raw_action_dim
 
-
-def _at(inputs, t):
-    vision, sound, action = inputs
-    return vision, t, sound, action

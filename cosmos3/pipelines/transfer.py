@@ -26,6 +26,7 @@ alone. Sound is not generated with transfer (nor by the reference).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,7 @@ from torch import Tensor
 
 from ..conditioning import Cosmos3Request, keep_clean
 from ..tokenizers.text import SYSTEM_PROMPT_TRANSFER
+from ..tokenizers.vision import check_multiple, preprocess_video
 from .common import Cosmos3PipelineBase, Cosmos3PipelineOutput, callback_results, check_generators
 from .image_to_video import _per_prompt
 
@@ -149,9 +151,8 @@ class Cosmos3TransferPipeline(Cosmos3PipelineBase):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"`{name}` must be None or an int >= 1, got {value!r}.")
         sf = int(self.vae.config.scale_factor_spatial)
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < sf or value % sf:
-                raise ValueError(f"`{name}` must be a multiple of {sf}, got {value!r}.")
+        check_multiple(height, sf, name="`height`")
+        check_multiple(width, sf, name="`width`")
         if not isinstance(fps, (int, float)) or isinstance(fps, bool) or not math.isfinite(fps) or fps <= 0:
             raise ValueError(f"`fps` must be a positive number, got {fps!r}.")
 
@@ -162,7 +163,7 @@ class Cosmos3TransferPipeline(Cosmos3PipelineBase):
         seeds = _per_prompt("video", video, len(prompts), 1, clips=True)
         settings = self.prompt_settings(1, height, width, fps, use_system_prompt, add_resolution_template=False,
                                         add_duration_template=False)
-        settings = type(settings)(**{**settings.__dict__, "system_prompt": SYSTEM_PROMPT_TRANSFER})
+        settings = dataclasses.replace(settings, system_prompt=SYSTEM_PROMPT_TRANSFER)
         # the negative prompt is "" when none is given, under the same system prompt
         cond, uncond = self.encode_prompt(prompts, negatives, settings)
         generators = check_generators(generator, len(prompts) * num_videos_per_prompt)
@@ -177,7 +178,7 @@ class Cosmos3TransferPipeline(Cosmos3PipelineBase):
             controls = [pad_time(x, max(total, window[0])) for x in controls]
             seed = None
             if v is not None and num_first_chunk_conditional_frames > 0:
-                seed = self.video_processor.preprocess_video(v, height=height, width=width)
+                seed = preprocess_video(v, height, width)
                 seed = seed.to(self._execution_device, self.vae.dtype)
             for k in range(num_videos_per_prompt):
                 samples.append(_Sample(c, u, controls, total, window, seed,
@@ -205,18 +206,17 @@ class Cosmos3TransferPipeline(Cosmos3PipelineBase):
 
     def _preprocess_hint(self, name: str, clip, height: int, width: int) -> Tensor:
         """One hint as `[1, 3, T, H, W]` in [-1, 1] in the transformer's dtype (as the reference rounds it)."""
-        from PIL import Image
-
         if isinstance(clip, str):
             from .. import io as cio
 
-            clip = [Image.fromarray(f) for f in cio.read_video(clip).frames]
-        elif isinstance(clip, np.ndarray) and clip.dtype == np.uint8:  # 0..255 frames: the processor wants [0, 1]
-            clip = [Image.fromarray(f) for f in (clip if clip.ndim == 4 else clip[None])]
-        if len(clip) == 0 if isinstance(clip, (list, tuple, np.ndarray, Tensor)) else False:
+            clip = cio.read_video(clip).frames
+        elif isinstance(clip, np.ndarray) and clip.dtype == np.uint8 and clip.ndim == 3:  # one frame
+            clip = clip[None]
+        if isinstance(clip, (np.ndarray, Tensor)) and len(clip) == 0:
             raise ValueError(f"`control_videos[{name!r}]` is empty: give at least one frame.")
         try:
-            frames = self.video_processor.preprocess_video(clip, height=height, width=width)
+            # uint8 frames go through PIL (the processor reads arrays as [0, 1]); frames must be RGB and >= 16 px
+            frames = preprocess_video(clip, height, width, name=f"control_videos[{name!r}]")
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"`control_videos[{name!r}]` is not a clip (PIL frames, a [T, 3, H, W] tensor or "
                              f"[T, H, W, 3] array in [0, 1], or a video path): {e}") from None
