@@ -66,8 +66,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="under torchrun: 2 runs the samples and their negatives (guidance) on two ranks")
     g.add_argument("--ulysses", type=int, default=1, metavar="N",
                    help="under torchrun: N ranks share each batch's generated tokens (Ulysses sequence parallelism)")
-    g.add_argument("--shard", default=None, choices=["fsdp"],
-                   help="under torchrun: shard the transformer's weights over all ranks (FSDP2)")
+    g.add_argument("--sequence", default=None, choices=["ulysses", "ring"],
+                   help="with --ulysses: head all-to-all or ring attention (default: ulysses when N divides the heads)")
+    g.add_argument("--shard", default=None, choices=["fsdp", "tp"],
+                   help="under torchrun: shard the transformer's weights over all ranks (FSDP2) or split its heads "
+                        "and MLPs over each cfg group's ranks (DTensor tensor parallel)")
+    g.add_argument("--vae-parallel", default=None, choices=["frames"],
+                   help="under torchrun: split the VAE decode's latent frames over all ranks")
     t = sub.add_parser("train", help="fine-tune with a TOML recipe (also under torchrun)")
     t.add_argument("recipe", help="TOML recipe (see cosmos3.training.config)")
     d = sub.add_parser("distill", help="distill a few-step student with a TOML recipe (also under torchrun)")
@@ -101,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="serve the browser demo on 127.0.0.1 (needs the `demo` extra)")
     add_demo_arguments(dm)
+    from .serving import add_serve_arguments as add_generation_serve_arguments
+
+    sv = sub.add_parser("serve", help="serve the generation HTTP API (OpenAI images / videos shape) on 127.0.0.1")
+    add_generation_serve_arguments(sv)
     c = sub.add_parser("collect", help="record successful scripted-expert episodes as a LeRobotDataset v3")
     from .training.collect import add_collect_arguments
 
@@ -116,6 +125,14 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--steps", type=int, default=None, help="denoising steps (policy default)")
         s.add_argument("--cuda-graphs", action="store_true",
                        help="replay each denoising step from a CUDA graph (GPU; captured at the first chunk)")
+        s.add_argument("--ray", action="store_true",
+                       help="serve on Ray Serve (the `serve` extra): model replicas batched with @serve.batch "
+                            "behind an openpi WebSocket ingress; Ray from RAY_ADDRESS, else a local one")
+        s.add_argument("--replicas", type=int, default=None, help="--ray: model replicas (default 1)")
+        s.add_argument("--gpus-per-replica", type=float, default=None,
+                       help="--ray: GPUs each replica reserves (default 1 where the Ray cluster has GPUs, else 0)")
+        s.add_argument("--cpus-per-replica", type=float, default=None,
+                       help="--ray: CPUs each replica reserves (default 1)")
     return parser
 
 
@@ -254,16 +271,14 @@ def generate(args: argparse.Namespace) -> dict:
 
 
 def _join_ranks(args: argparse.Namespace, device):
-    """`--cfg-parallel`, `--ulysses`, `--shard`: join the process group `torchrun` describes, before the model loads
-    (each rank on its own GPU, `cuda:LOCAL_RANK`). Returns the rank's device and whether it writes the outputs:
-    every rank computes the same result, rank 0 writes it."""
-    if args.cfg_parallel == 1 and args.ulysses == 1 and args.shard is None:
+    """`--cfg-parallel`, `--ulysses`, `--shard`, `--vae-parallel`: join the process group `torchrun` describes,
+    before the model loads (each rank on its own GPU, `cuda:LOCAL_RANK`). Returns the rank's device and whether it
+    writes the outputs: every rank computes the same result, rank 0 writes it."""
+    if args.cfg_parallel == 1 and args.ulysses == 1 and args.shard is None and args.vae_parallel is None:
         return device, True
-    if args.task == "transfer" and args.cfg_parallel != 1:
-        _fail("--cfg-parallel splits the shared denoising loop, which --task transfer does not use (its guidance "
-              "runs its own); --ulysses and --shard apply")
     if "WORLD_SIZE" not in os.environ:
-        _fail("--cfg-parallel / --ulysses / --shard need several processes: launch with torchrun --nproc-per-node N")
+        _fail("--cfg-parallel / --ulysses / --shard / --vae-parallel need several processes: launch with torchrun "
+              "--nproc-per-node N")
     import atexit
 
     import torch.distributed as dist
@@ -277,10 +292,11 @@ def _join_ranks(args: argparse.Namespace, device):
 
 
 def _parallelize(pipe, args: argparse.Namespace) -> None:
-    if args.cfg_parallel != 1 or args.ulysses != 1 or args.shard is not None:
+    if args.cfg_parallel != 1 or args.ulysses != 1 or args.shard is not None or args.vae_parallel is not None:
         from .parallel import parallelize
 
-        parallelize(pipe, cfg=args.cfg_parallel, ulysses=args.ulysses, shard=args.shard)
+        parallelize(pipe, cfg=args.cfg_parallel, ulysses=args.ulysses, shard=args.shard, sequence=args.sequence,
+                    vae=args.vae_parallel)
 
 
 def _transfer_hints(args: argparse.Namespace) -> dict:
@@ -390,14 +406,31 @@ def main(argv: list[str] | None = None) -> None:
                 run_demo(args)
             except ImportError as e:  # gradio missing: the message says `pip install 'cosmos3[demo]'`
                 _fail(str(e))
+        elif args.command == "serve":
+            from .serving import run_serve
+
+            run_serve(args)
         elif args.command == "collect":
             from .training.collect import run_collect
 
             print(json.dumps(run_collect(args), default=str))
         elif args.command == "serve-policy":
-            from .robotics.server import run_serve
+            ray_only = [f"--{n.replace('_', '-')}" for n in ("replicas", "gpus_per_replica", "cpus_per_replica")
+                        if getattr(args, n) is not None]
+            if args.ray:
+                try:
+                    from .robotics.ray_serve import run_ray_serve
+                except ImportError as e:  # ray[serve] missing: the message says `pip install 'cosmos3[serve]'`
+                    _fail(str(e))
+                if not os.path.isdir(args.policy):
+                    _fail(f"--policy {args.policy!r} is not a folder")
+                run_ray_serve(args)
+            elif ray_only:
+                _fail(f"{' '.join(ray_only)} needs --ray")
+            else:
+                from .robotics.server import run_serve
 
-            run_serve(args, _make_policy)
+                run_serve(args, _make_policy)
         elif args.command == "export":
             from .training.export import export_checkpoint
 

@@ -9,19 +9,47 @@ import os
 import sys
 
 import torch
+from torch import Tensor
 
 VIDEO = dict(num_frames=9, height=32, width=48, fps=16.0, num_inference_steps=2, output_type="np")
 TEXT = [5, 17, 42, 99, 3]
 
 
-def build_pipeline():
+# 72 latent frames: more than twice the tiny VAE's decoder memory (34), so that with `vae=frames` some ranks warm
+# their causal cache from a frame after the clip's start
+LONG_LATENT = (1, 8, 72, 2, 3)
+
+
+def build_pipeline(task: str = "t2v"):
     from cosmos3.pipelines import Cosmos3TextToVideoPipeline
+    from cosmos3.pipelines.transfer import Cosmos3TransferPipeline
     from cosmos3.testing import tiny_parts
     from cosmos3.tokenizers.text import build_tiny_tokenizer
 
-    pipe = Cosmos3TextToVideoPipeline(**tiny_parts(build_tiny_tokenizer(), sound=True))
+    cls = Cosmos3TransferPipeline if task == "transfer" else Cosmos3TextToVideoPipeline
+    pipe = cls(**tiny_parts(build_tiny_tokenizer(), sound=task == "t2v"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def transfer(pipe) -> dict:
+    """Two prompts with text and control guidance (6 branch rows a step, the second prompt with two hints, so the
+    rows differ in shape), and the batch of each transformer call."""
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda m, args: seen.append(args[0].batch_size))
+    g = torch.Generator().manual_seed(7)
+    edge = [(torch.rand(9, 3, 32, 48, generator=g) > 0.8).float() for _ in range(2)]
+    hints = [{"edge": edge[0]}, {"edge": edge[1], "blur": torch.rand(9, 3, 32, 48, generator=g)}]
+    out = pipe(["a red car", "waves at dusk"], control_videos=hints, height=32, width=48, num_inference_steps=2,
+               guidance_scale=4.0, control_guidance=2.0, generator=[torch.Generator().manual_seed(s) for s in (3, 4)],
+               output_type="np")
+    return {"transfer": torch.from_numpy(out.frames), "transfer_batch": seen}
+
+
+def long_decode(pipe) -> Tensor:
+    """A random latent clip of LONG_LATENT frames through the pipeline's vision tokenizer."""
+    z = torch.randn(LONG_LATENT, generator=torch.Generator().manual_seed(5))
+    return pipe.vision_tokenizer.decode(z)
 
 
 def generate(pipe) -> dict:
@@ -49,7 +77,7 @@ def parse_plan(text: str) -> dict:
     plan = {}
     for item in text.split(","):
         key, _, value = item.partition("=")
-        plan[key] = value if key == "shard" else int(value)
+        plan[key] = value if key in ("shard", "sequence", "vae") else int(value)
     return plan
 
 
@@ -70,7 +98,18 @@ def main():
         if plan.shard == "fsdp":  # each rank holds its share of every weight
             for n, p in pipe.transformer.named_parameters():
                 assert p.to_local().shape[0] <= -(-p.shape[0] // info.world_size), (n, p.to_local().shape)
-        torch.save(generate(pipe), os.path.join(args.out, f"{name}.rank{info.rank}.pt"))
+        if plan.shard == "tp":  # each rank holds its heads and its share of the MLP width
+            layer = pipe.transformer.layers[0]
+            for module in (layer.self_attn.to_q, layer.self_attn.add_k_proj, layer.mlp_moe_gen.up_proj):
+                assert module.weight.to_local().shape[0] * plan.tp == module.weight.shape[0]
+            assert layer.mlp.down_proj.weight.to_local().shape[1] * plan.tp == layer.mlp.down_proj.weight.shape[1]
+        result = generate(pipe)
+        if plan.vae:
+            result["long"] = long_decode(pipe)
+        transfer_pipe = build_pipeline("transfer")
+        parallelize(transfer_pipe, **parse_plan(name))
+        result.update(transfer(transfer_pipe))
+        torch.save(result, os.path.join(args.out, f"{name}.rank{info.rank}.pt"))
     refused = {}
     for name in args.errors:
         try:

@@ -19,7 +19,7 @@ LAYERS = [
     {"pipelines"},
     {"robotics"},
     {"training"},
-    {"demo", "testing"},
+    {"demo", "testing", "serving"},
     {"cli"},
     {"__init__", "__main__"},
 ]

@@ -20,7 +20,8 @@ of `Cosmos3OmniBlocks`, selected there by passing `control_videos`):
 Where cosmos3 goes further than the reference, which takes one prompt and runs each guidance branch as its own
 forward: every sample of a batch (lists of prompts, hints and generators, `num_videos_per_prompt`) and every
 guidance branch run as one batched forward per step, and a list of generators gives each sample what it would get
-alone. Sound is not generated with transfer (nor by the reference).
+alone. Sound is not generated with transfer (nor by the reference). Under `cosmos3.parallel.parallelize(pipe, cfg=2)`
+that branch batch is split over two ranks (`branch_step_factory`), its velocities gathered once per step.
 """
 
 from __future__ import annotations
@@ -102,6 +103,11 @@ class Cosmos3TransferPipeline(Cosmos3PipelineBase):
     Defaults as the reference's transfer call: 720x1280, 50 steps, guidance 6, control guidance 1 (no
     "no-control" pass), no chunking (one window over the whole clip), 1 conditional frame between windows.
     """
+
+    # How a step runs the model on the branch batch (per-sample lists of latents): `factory(pipe, layout, inputs)`
+    # returns `step(vision, t, sound, action)`, as `model_step_factory` does for the shared loop. Only the split
+    # over devices (`cosmos3.parallel`, cfg) sets it; CUDA graphs and step caches take stacked batches, not lists.
+    branch_step_factory = None
 
     @torch.no_grad()
     def __call__(
@@ -272,10 +278,10 @@ class Cosmos3TransferPipeline(Cosmos3PipelineBase):
                 text_cfg, ctrl_cfg = g > 1.0, cg != 1.0  # as the reference: `>` for text, `!=` for control
                 if (text_cfg, ctrl_cfg) not in passes:
                     passes[(text_cfg, ctrl_cfg)] = self._passes(requests, text_cfg, ctrl_cfg)
-                layout, text_kv, branches = passes[(text_cfg, ctrl_cfg)]
+                model_step, branches = passes[(text_cfg, ctrl_cfg)]
                 dtype = self.transformer.dtype
                 vision = [requests[b].model_vision(latents[b], controls).to(dtype) for b, controls, _ in branches]
-                out = self.transformer(layout, vision, t.item(), text_kv_cache=text_kv, return_dict=False)[0]
+                out = model_step(vision, t, None, None)[0]
                 velocity = {}
                 for (b, _, name), o in zip(branches, out):
                     velocity[(b, name)] = o[:, -latents[b].shape[1] :].float()  # the target: the last frames
@@ -307,7 +313,8 @@ class Cosmos3TransferPipeline(Cosmos3PipelineBase):
 
     def _passes(self, requests: list[Cosmos3Request], text_cfg: bool, ctrl_cfg: bool):
         """The batch of one step: per sample the prompt with its hints, and (as the guidance needs them) the prompt
-        without hints and the negative prompt with hints; its layout and text cache, built once per window."""
+        without hints and the negative prompt with hints; its model step (the text cache in it), built once per
+        window, and the branch of each row."""
         samples, branches = [], []
         for b, r in enumerate(requests):
             samples.append(r.to_sample())
@@ -319,7 +326,8 @@ class Cosmos3TransferPipeline(Cosmos3PipelineBase):
                 samples.append(r.to_sample(negative=True))
                 branches.append((b, True, "uncond"))
         layout = self.transformer.build_layout(samples, temporal_compression=int(self.vae.config.scale_factor_temporal))
-        return layout, self.transformer.encode_text(layout), branches
+        factory = self.branch_step_factory or type(self).eager_model_step
+        return factory(self, layout, (None, None, None)), branches
 
 
 def _check_hints(hints) -> Mapping:

@@ -23,8 +23,12 @@ update. Here, with the same pieces as `Trainer`:
   step (starting with the first) also updates the student (DMD2's two-time-scale rule).
 * **Nothing lost**, as `Trainer` and with its checkpoint format (`cosmos3.training.checkpoint`): atomic checkpoints
   (student, critic, both optimizers, student EMA, step) under a `COMPLETE` marker, resume from the newest complete
-  one with the same data order and noise, non-finite steps skipped before the optimizer. Single process (the
-  critic and the student are not wrapped for DDP/FSDP here).
+  one with the same data order and noise, non-finite steps skipped before the optimizer.
+* **Scale-out** (`parallelism="fsdp"` under `torchrun`): as `Trainer`, each rank takes an equal slice of the global
+  batch, and every sample's noise and re-noising `t` come from its own generator keyed by (seed, step, position in
+  the global batch), so N ranks compute the losses and updates of one process with the whole batch. The teacher,
+  the student and the critic are sharded with FSDP2 over all ranks; the shared text tower is sharded once (with the
+  teacher) and the student's and critic's entries point at those shards (they read only the cached keys/values).
 * **Export.** `export_student` writes a pipeline folder with `distilled_sigmas` (in `modular_model_index.json`,
   where the released students carry it; `model_index.json` keeps only keys the reference accepts) that
   `Cosmos3TextToImagePipeline.from_pretrained` (or the video pipelines) loads as a fixed-schedule, guidance-1 student.
@@ -50,13 +54,19 @@ from ..conditioning import Cosmos3Request, guide, keep_clean, renoise
 from ..io import atomic_directory
 from ..models.layout import Cosmos3Layout
 from ..models.transformer_cosmos3 import Cosmos3TextKVCache, Cosmos3Transformer
-from . import loop
+from . import checkpoint, loop
+from .parallel import all_reduce_sum, full, world
 from .trainer import Trainer, sample_generator, trainable_parameters
 
 # The released 4-step students' schedule (cosmos3.md, "Distillation").
 DEFAULT_STUDENT_SIGMAS: tuple[float, ...] = (1.0, 15 / 16, 5 / 6, 5 / 8)
 # Generation-tower parameters that act on the text keys only: computed once per batch, so shared and frozen.
 _TEXT_SIDE_PARAMETERS = ("k_norm_und_for_gen",)
+PARALLELISM = ("none", "fsdp")
+# Offsets the distiller's noise streams from `Trainer`'s: the same (seed, step, position) would otherwise give a
+# teacher fine-tuned with the same seed the noise and timesteps it trained on, correlating the two runs. An offset
+# of the position (batches stay below 2**15 samples), since the CPU generator keeps only a seed's low 32 bits.
+_STREAM = 2**15
 
 
 @dataclass
@@ -86,8 +96,11 @@ class DistillConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     gradient_checkpointing: bool = False
+    parallelism: str = "none"  # "fsdp": the three networks sharded with FSDP2 over the ranks (under torchrun)
 
     def __post_init__(self):
+        if self.parallelism not in PARALLELISM:
+            raise ValueError(f"`parallelism` must be one of {list(PARALLELISM)}, got {self.parallelism!r}.")
         for name in ("max_steps", "batch_size", "save_every", "keep_checkpoints", "critic_updates_per_student_update",
                      "temporal_compression"):
             value = getattr(self, name)
@@ -155,7 +168,7 @@ class Distiller:
         dataset: `Cosmos3Request`s, e.g. from `pipeline_prompts`, or training `Example`s (only their ids, latent
             shape, fps and conditioning frames are used; without their own, their negative prompt is `negative_ids`).
         config: the settings.
-        log: receives one dict per step and per event (default: JSON lines on stdout).
+        log: receives one dict per step and per event (default: JSON lines on stdout, rank 0 only).
         negative_ids: the negative prompt's ids for requests that carry none (required then with guidance).
     """
 
@@ -167,9 +180,16 @@ class Distiller:
                  log: Callable[[dict], None] | None = None, negative_ids: Sequence[int] | None = None):
         if len(dataset) < config.batch_size:
             raise ValueError(f"The dataset has {len(dataset)} examples, fewer than `batch_size`={config.batch_size}.")
+        self.rank, self.world_size = world()
+        if self.world_size > 1 and config.parallelism == "none":
+            raise ValueError(f"{self.world_size} processes with `parallelism`='none' would train {self.world_size} "
+                             "unrelated students; set `parallelism`='fsdp', or launch one process.")
+        if config.batch_size % self.world_size:
+            raise ValueError(f"`batch_size`={config.batch_size} must be a multiple of the number of processes "
+                             f"({self.world_size}): each rank takes an equal slice of the batch.")
         self.teacher, self.dataset, self.config = teacher, dataset, config
         self.negative_ids = None if negative_ids is None else list(negative_ids)
-        self.log = log or (lambda record: print(json.dumps(record), flush=True))
+        self.log = log or ((lambda r: print(json.dumps(r), flush=True)) if self.rank == 0 else (lambda r: None))
         self._prompt(dataset[0])  # fail now, not at step 1, on a dataset this cannot use
         names = [n for n in trainable_parameters(teacher) if not any(p in n for p in _TEXT_SIDE_PARAMETERS)]
         # Copies share every parameter outside `names` with the teacher (deepcopy takes them from the memo).
@@ -182,6 +202,12 @@ class Distiller:
         if config.gradient_checkpointing:
             self.student.enable_gradient_checkpointing()
             self.critic.enable_gradient_checkpointing()
+        self.sharded = config.parallelism == "fsdp" and self.world_size > 1
+        if self.sharded:
+            self._fully_shard(names)
+            # the sharded DTensor parameters that replaced them
+            self.student_params = {n: p for n, p in self.student.named_parameters() if n in self.student_params}
+            self.critic_params = {n: p for n, p in self.critic.named_parameters() if n in self.critic_params}
         self.student_optimizer = loop.adamw(self.student_params, lr=config.student_learning_rate, betas=config.betas,
                                             weight_decay=config.weight_decay)
         self.critic_optimizer = loop.adamw(self.critic_params, lr=config.critic_learning_rate, betas=config.betas,
@@ -201,6 +227,37 @@ class Distiller:
         for n in names:
             params[n].requires_grad_(True)
         return {n: params[n] for n in names}
+
+    def _fully_shard(self, names: Sequence[str]) -> None:
+        """FSDP2 over all ranks. The teacher as for inference (`cosmos3.parallel`): the text tower's projections and
+        MLPs, the embedding and the LM head in groups of their own, so that a denoising step gathers the generation
+        tower only. The text-side parameters the copies share with the teacher are then pointed at the teacher's
+        shards and left out of the copies' groups: they are never run there (the cached keys/values are read) and
+        one sharded text tower serves all three. The copies' own groups are their generation towers, per layer."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        teacher = self.teacher
+        mesh = init_device_mesh(teacher.device.type, (self.world_size,), mesh_dim_names=("shard",))
+        for layer in teacher.layers:
+            attn = layer.self_attn
+            for module in (attn.to_q, attn.to_k, attn.to_v, attn.to_out, layer.mlp):
+                fully_shard(module, mesh=mesh)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(teacher.embed_tokens, mesh=mesh)
+        fully_shard(teacher.lm_head, mesh=mesh)
+        # An explicit True: left to FSDP, a root keeps its gathered weights after forward, for a backward the frozen
+        # teacher never runs.
+        fully_shard(teacher, mesh=mesh, reshard_after_forward=True)
+        register_fsdp_forward_method(teacher, "encode_text")
+        shards = {n: p for n, p in teacher.named_parameters() if n not in names}
+        for model in (self.student, self.critic):
+            for name, shard in shards.items():
+                path, _, attr = name.rpartition(".")
+                model.get_submodule(path)._parameters[attr] = shard
+            for layer in model.layers:
+                fully_shard(layer, mesh=mesh, ignored_params=set(shards.values()))
+            fully_shard(model, mesh=mesh, ignored_params=set(shards.values()))
 
     # ------------------------------------------------------------------------------------------------- the batch
 
@@ -261,25 +318,27 @@ class Distiller:
         """Put the clean conditioning frames back (as the distilled pipeline does after re-noising)."""
         return [keep_clean(xi, c, m) for xi, m, c in zip(x, batch.clean_masks, batch.clean)]
 
-    def _noise(self, batch: _Batch, generator: torch.Generator) -> list[Tensor]:
+    def _noise(self, batch: _Batch, generators: list[torch.Generator]) -> list[Tensor]:
         device = self.teacher.device
-        return [torch.randn(p.vision_shape, generator=generator).to(device) for p in batch.prompts]
+        return [torch.randn(p.vision_shape, generator=g).to(device) for p, g in zip(batch.prompts, generators)]
 
-    def _sample_t(self, n: int, generator: torch.Generator) -> Tensor:
+    def _sample_t(self, generators: list[torch.Generator]) -> Tensor:
         cfg = self.config
-        u = flow.shift_timesteps(flow.sample_timesteps(n, cfg.timestep_distribution, generator=generator),
-                                 cfg.timestep_shift)
-        return cfg.min_timestep + (cfg.max_timestep - cfg.min_timestep) * u
+        u = torch.cat([flow.sample_timesteps(1, cfg.timestep_distribution, generator=g) for g in generators])
+        return cfg.min_timestep + (cfg.max_timestep - cfg.min_timestep) * flow.shift_timesteps(u, cfg.timestep_shift)
 
     @torch.no_grad()
-    def simulate(self, batch: _Batch, k: int, generator: torch.Generator) -> list[Tensor]:
+    def simulate(self, batch: _Batch, k: int, generators: torch.Generator | Sequence[torch.Generator]
+                 ) -> list[Tensor]:
         """Backward simulation: the student's own input at schedule step `k`, from pure noise through steps
-        `0..k-1` with the distilled pipeline's rule (predict `x0`, re-noise to the next sigma with fresh noise)."""
-        x = self._with_clean(batch, self._noise(batch, generator))
+        `0..k-1` with the distilled pipeline's rule (predict `x0`, re-noise to the next sigma with fresh noise).
+        `generators`: one per sample, or one that all samples draw from in turn."""
+        generators = _per_sample(generators, len(batch.prompts))
+        x = self._with_clean(batch, self._noise(batch, generators))
         for i in range(k):
             sigma, next_sigma = self.sigmas[i], self.sigmas[i + 1]
             v = self._velocity(self.student, batch, x, sigma.expand(len(x)))
-            noise = self._noise(batch, generator)
+            noise = self._noise(batch, generators)
             x = self._with_clean(batch, [renoise(xi, vi, sigma.item(), next_sigma.item(), n)
                                          for xi, vi, n in zip(x, v, noise)])
         return x
@@ -295,11 +354,14 @@ class Distiller:
         v = self._velocity(self.student, batch, x, sigma.expand(len(x)))
         return self._with_clean(batch, [xi - sigma.item() * vi for xi, vi in zip(x, v)])
 
-    def dmd_loss(self, batch: _Batch, x0: list[Tensor], generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """DMD's distribution-matching loss of the student's `x0` (with grad); returns it and the re-noising `t`."""
+    def dmd_loss(self, batch: _Batch, x0: list[Tensor], generators: torch.Generator | Sequence[torch.Generator]
+                 ) -> tuple[Tensor, Tensor]:
+        """DMD's distribution-matching loss of the student's `x0` (with grad), the mean over its samples; returns it
+        and the re-noising `t`. `generators`: one per sample (its `t`, then its noise), or one shared."""
         B = len(x0)
-        t = self._sample_t(B, generator)
-        noise = self._noise(batch, generator)
+        generators = _per_sample(generators, B)
+        t = self._sample_t(generators)
+        noise = self._noise(batch, generators)
         with torch.no_grad():
             x_t = [flow.add_noise(xi.detach(), n, t[b].item(), clean_mask=m.to(xi))
                    for b, (xi, n, m) in enumerate(zip(x0, noise, batch.clean_masks))]
@@ -317,12 +379,13 @@ class Distiller:
             losses.append(0.5 * flow.masked_mse(x0[b][None], (x0[b] - grad).detach()[None], noisy[None]))
         return torch.stack(losses).mean(), t
 
-    def critic_loss(self, batch: _Batch, x0: list[Tensor], generator: torch.Generator,
+    def critic_loss(self, batch: _Batch, x0: list[Tensor], generators: torch.Generator | Sequence[torch.Generator],
                     model: Cosmos3Transformer | None = None) -> Tensor:
         """The rectified-flow (velocity) loss of the critic (or of `model`, e.g. the teacher, to see how much better
-        the critic knows the student's distribution) on the student's (detached) samples `x0`."""
-        t = self._sample_t(len(x0), generator)
-        noise = self._noise(batch, generator)
+        the critic knows the student's distribution) on the student's (detached) samples `x0`, the mean over them."""
+        generators = _per_sample(generators, len(x0))
+        t = self._sample_t(generators)
+        noise = self._noise(batch, generators)
         x_t = [flow.add_noise(xi, n, t[b].item(), clean_mask=m.to(xi))
                for b, (xi, n, m) in enumerate(zip(x0, noise, batch.clean_masks))]
         v = self._velocity(self.critic if model is None else model, batch, x_t, t)
@@ -332,9 +395,13 @@ class Distiller:
 
     def _update(self, loss: Tensor, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                 record: dict, name: str) -> bool:
-        """Backward and step, unless the loss or the gradient norm is not finite (then nothing changes)."""
-        record[f"loss_{name}"] = float(loss.detach())
-        grad_norm, skipped = loop.guarded_update(loss, params, optimizer, self.config.grad_clip)
+        """Backward and step, unless the loss or the gradient norm is not finite (then nothing changes).
+
+        `loss` is the mean over this rank's slice of the batch; FSDP averages the ranks' gradients, so the update is
+        the global batch's. The global loss decides the skip, so that every rank skips together."""
+        value = float(all_reduce_sum(loss.detach().float().cpu())) / self.world_size
+        record[f"loss_{name}"] = value
+        grad_norm, skipped = loop.guarded_update(loss, params, optimizer, self.config.grad_clip, loss_value=value)
         if grad_norm is not None:
             record[f"grad_norm_{name}"] = grad_norm
         if skipped:
@@ -347,23 +414,29 @@ class Distiller:
         cfg = self.config
         self.student.train()
         self.critic.train()
-        generator = sample_generator(cfg.seed, self.step, 0)  # the step's own noise (a resume redraws it)
-        batch = self.batch([self.dataset[i] for i in self._batch_indices(self.step)])
+        # Each sample's noise and t from its own generator, keyed by its place in the global batch (a resume redraws
+        # them, any world size draws the same); the schedule step from one past the last place, the same on every rank.
+        per_rank = cfg.batch_size // self.world_size
+        positions = range(self.rank * per_rank, (self.rank + 1) * per_rank)
+        generators = [_generator(cfg.seed, self.step, p) for p in positions]
+        indices = self._batch_indices(self.step)
+        batch = self.batch([self.dataset[indices[p]] for p in positions])
         update_student = self.step % cfg.critic_updates_per_student_update == 0
-        k = int(torch.randint(len(cfg.student_sigmas), (1,), generator=generator))  # one schedule step per batch
-        x = self.simulate(batch, k, generator)
+        k = int(torch.randint(len(cfg.student_sigmas), (1,), generator=_generator(cfg.seed, self.step,
+                                                                                cfg.batch_size)))
+        x = self.simulate(batch, k, generators)
         record: dict = {"step": self.step + 1, "student_update": update_student, "sigma": cfg.student_sigmas[k]}
         sigma = self.sigmas[k]
         with torch.set_grad_enabled(update_student):
             v = self._velocity(self.student, batch, x, sigma.expand(len(x)))
             x0 = self._with_clean(batch, [xi - sigma.item() * vi for xi, vi in zip(x, v)])
         if update_student:
-            loss, _ = self.dmd_loss(batch, x0, generator)
+            loss, _ = self.dmd_loss(batch, x0, generators)
             if self._update(loss, self.student_params, self.student_optimizer, record, "dmd"):
                 loop.ema_update(self.ema, self.student_params, cfg.ema_decay)
             else:
                 self.skipped_student_steps += 1
-        loss = self.critic_loss(batch, [xi.detach() for xi in x0], generator)
+        loss = self.critic_loss(batch, [xi.detach() for xi in x0], generators)
         if not self._update(loss, self.critic_params, self.critic_optimizer, record, "critic"):
             self.skipped_critic_steps += 1
         self.step += 1
@@ -392,7 +465,7 @@ class Distiller:
     def save(self) -> str:
         """Write the checkpoint of the current step atomically (`checkpoint.save`); returns its folder."""
         return loop.save(self, self.config.output_dir, self.config.keep_checkpoints, self._COUNTERS,
-                         config=asdict(self.config))
+                         world_size=self.world_size, config=asdict(self.config))
 
     def resume(self) -> int | None:
         """Load the newest complete checkpoint in `output_dir`; partial or corrupt ones are skipped with a message."""
@@ -400,8 +473,28 @@ class Distiller:
 
     # ---------------------------------------------------------------------------------------------------- export
 
-    def export(self, pipeline, save_directory: str, ema: bool = True) -> str:
-        """Write the student (its EMA weights with `ema`) as a distilled pipeline folder; see `export_student`."""
+    def student_state_dict(self, ema: bool = True) -> dict[str, Tensor]:
+        """The student's whole state dict (its EMA weights with `ema`, the teacher's text tower) on the CPU;
+        collective under FSDP."""
+        trained = self.ema if ema else {n: p.detach() for n, p in self.student_params.items()}
+        return {name: full(trained.get(name, value).detach()).cpu().clone()
+                for name, value in self.student.state_dict().items()}
+
+    def export(self, pipeline, save_directory: str | None, ema: bool = True) -> str | None:
+        """Write the student (its EMA weights with `ema`) as a distilled pipeline folder; see `export_student`.
+
+        Under FSDP every rank calls this (the weights are gathered), rank 0 writes (the others may pass None), and
+        all return once the folder is complete. Returns the folder on rank 0."""
+        if self.sharded:
+            state = self.student_state_dict(ema)
+            try:
+                if self.rank != 0:
+                    return None
+                student = Cosmos3Transformer.from_config(self.student.config)
+                student.load_state_dict(state)
+                return export_student(student, pipeline, save_directory, self.config.student_sigmas)
+            finally:
+                checkpoint._barrier()  # also when rank 0's write fails: the others must not wait for it forever
         backup = {}
         try:
             if ema:  # swap the EMA in and back rather than copying the whole model
@@ -414,6 +507,18 @@ class Distiller:
             with torch.no_grad():
                 for name, value in backup.items():
                     self.student_params[name].copy_(value)
+
+
+def _generator(seed: int, step: int, position: int) -> torch.Generator:
+    return sample_generator(seed, step, _STREAM + position)
+
+
+def _per_sample(generators: torch.Generator | Sequence[torch.Generator], n: int) -> list[torch.Generator]:
+    if isinstance(generators, torch.Generator):
+        return [generators] * n
+    if len(generators) != n:
+        raise ValueError(f"{len(generators)} generators for {n} samples; give one per sample, or one generator.")
+    return list(generators)
 
 
 def export_student(student: Cosmos3Transformer, pipeline, save_directory: str,

@@ -1,13 +1,15 @@
 """`cosmos3 train RECIPE` and `cosmos3 distill RECIPE`: read and check a TOML recipe, build the pieces, run.
 
 Both run unchanged in one process or under `torchrun --nproc-per-node N -m cosmos3 train RECIPE` (the recipe's
-`[train] parallelism` picks DDP or FSDP2). Rerunning the same command after an interruption resumes from the
-newest complete checkpoint. At the end, rank 0 exports `<output_dir>/pipeline`: the base pipeline folder with the
-trained transformer (EMA weights), loadable by every pipeline here and by diffusers.
+`[train] parallelism` picks DDP or FSDP2; `[distill] parallelism = "fsdp"` shards the teacher, student and
+critic). Rerunning the same command after an interruption resumes from the newest complete checkpoint. At the
+end, rank 0 exports `<output_dir>/pipeline`: the base pipeline folder with the trained transformer (EMA weights),
+loadable by every pipeline here and by diffusers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -191,8 +193,8 @@ def read_distill_recipe(path: str) -> Recipe:
     return recipe
 
 
-def distill(path: str) -> str:
-    """Run the distillation recipe at `path`; returns the exported distilled pipeline folder."""
+def distill(path: str) -> str | None:
+    """Run the distillation recipe at `path`; returns the exported distilled pipeline folder (rank 0) or None."""
     from ..io import atomic_directory
     from ..pipelines import Cosmos3TextToVideoPipeline
     from .distill import DistillConfig, Distiller, pipeline_prompts
@@ -206,26 +208,25 @@ def distill(path: str) -> str:
             texts += [line.strip() for line in f if line.strip()]
     config = DistillConfig(**recipe.tables["distill"])
     info = init_distributed(recipe.device)
-    if info.world_size > 1:
-        raise ValueError("`cosmos3 distill` runs in one process (the student and critic are not sharded yet); "
-                         "launch it without torchrun.")
     pipe = Cosmos3TextToVideoPipeline.from_pretrained(recipe.model, dtype=torch.float32)
     if pipe.config.distilled_sigmas:
         raise ValueError(f"`model` = {recipe.model!r} is already a distilled student; distill from the teacher.")
     prompts = pipeline_prompts(pipe, texts, options.pop("negative_prompt", None), **options)
     teacher = pipe.transformer.to(info.device)
     with RunLogger(config.output_dir, config.max_steps, tensorboard=recipe.log_tensorboard) as log:
-        log({"event": "start", "recipe": os.path.abspath(path), "prompts": len(prompts), "device": str(info.device)})
+        log({"event": "start", "recipe": os.path.abspath(path), "prompts": len(prompts), "ranks": info.world_size,
+             "device": str(info.device)})
         distiller = Distiller(teacher, prompts, config, log=log)
         distiller.train()
         out = os.path.join(config.output_dir, "pipeline")
-        # replaces the previous export of this run (rebuilt from the checkpoints) only once the new one is whole
-        with atomic_directory(out) as fresh:
+        # replaces the previous export of this run (rebuilt from the checkpoints) only once the new one is whole;
+        # every rank takes part (FSDP gathers the weights), rank 0 writes
+        with atomic_directory(out) if info.is_main else contextlib.nullcontext() as fresh:
             distiller.export(pipe, fresh, ema=True)
         log({"event": "exported", "path": out, "skipped_student_steps": distiller.skipped_student_steps,
              "skipped_critic_steps": distiller.skipped_critic_steps})
     _finish()
-    return out
+    return out if info.is_main else None
 
 
 def _finish() -> None:
