@@ -29,7 +29,9 @@ step). A captured CUDA graph replays one fixed computation, so it cannot skip pe
 
 from __future__ import annotations
 
+import copy
 import inspect
+import itertools
 import logging
 from dataclasses import dataclass, field
 
@@ -91,6 +93,20 @@ def resolve_config(config) -> SeaCacheConfig | FirstBlockCacheConfig:
 
 
 @dataclass
+class _Subset:
+    """The samples that run the layers in a partial step, as a batch of their own: their layout, their rows in the
+    packed streams, and the step-invariant layer inputs cut to them (rotary tables, each layer's text K/V). Built
+    once per request and pattern of decisions."""
+
+    keep: tuple[int, ...]
+    layout: Cosmos3Layout
+    gen_index: Tensor
+    und_index: Tensor
+    rope: tuple | None = None  # (the full batch's rope it was cut from, the cut)
+    text_kv: dict[int, tuple] = field(default_factory=dict)  # layer -> (the full batch's keys, the cut (keys, values))
+
+
+@dataclass
 class _Forward:
     """What one model call decided, from the root hook to the final norm."""
 
@@ -99,12 +115,14 @@ class _Forward:
     step_index: int | None
     vision: list[Tensor]
     bounds: list[tuple[int, int]]  # rows of each sample in the packed gen stream
-    compute: list[bool] = field(default_factory=list)  # per sample: its layers' output is used
+    compute: list[bool] = field(default_factory=list)  # per sample: its layers run
     reuse: list[Tensor | None] = field(default_factory=list)  # per sample: the residual it takes instead
     gen_in: Tensor | None = None  # the stream entering the cached span
     head_out: Tensor | None = None  # FirstBlockCache: the first layer's output
     skip_all: bool = False
     out: Tensor | None = None  # with skip_all: what the final norm returns (SeaCache)
+    subset: _Subset | None = None  # when only some samples compute
+    narrowed: bool = False  # the streams between the layers hold only `subset`'s rows
 
 
 class _FirstBlockRow:
@@ -114,26 +132,76 @@ class _FirstBlockRow:
 
 
 class _StepCacheState(BaseState):
-    """Per cache context: each batch row's trajectory (a `SeaCacheContextState` or a `_FirstBlockRow`)."""
+    """Per cache context: each batch row's trajectory (a `SeaCacheContextState` or a `_FirstBlockRow`) and the
+    request's partial batches."""
 
     def __init__(self):
         self.rows: dict[int, object] = {}
+        self.subsets: dict[tuple[int, ...], _Subset] = {}
         self.layout: Cosmos3Layout | None = None
         self.forward: _Forward | None = None
 
     def reset(self):
-        self.rows, self.layout, self.forward = {}, None, None
+        self.rows, self.subsets, self.layout, self.forward = {}, {}, None, None
 
 
 def _sample_bounds(layout: Cosmos3Layout) -> list[tuple[int, int]]:
-    starts = [0]
-    for n in layout.gen_lengths:
-        starts.append(starts[-1] + n)
+    starts = [0, *itertools.accumulate(layout.gen_lengths)]
     return list(zip(starts[:-1], starts[1:]))
 
 
 def _rows(x: Tensor, bounds: tuple[int, int]) -> Tensor:
     return x[bounds[0] : bounds[1]]
+
+
+def _stream_index(lengths: list[int], keep: tuple[int, ...]) -> Tensor:
+    starts = [0, *itertools.accumulate(lengths)]
+    return torch.cat([torch.arange(starts[b], starts[b + 1]) for b in keep])
+
+
+def _subset(state: _StepCacheState, forward: _Forward, model_config, device: torch.device) -> _Subset:
+    keep = tuple(b for b, compute in enumerate(forward.compute) if compute)
+    if keep not in state.subsets:
+        full = forward.layout
+        layout = Cosmos3Layout.build([full.samples[b] for b in keep], model_config)
+        und_index, gen_index = _stream_index(full.text_lengths, keep), _stream_index(full.gen_lengths, keep)
+        # position ids depend on the VAE's temporal factor, which a layout does not keep: the full batch's are right
+        layout.und_position_ids = full.und_position_ids[:, und_index]
+        layout.gen_position_ids = full.gen_position_ids[:, gen_index]
+        state.subsets[keep] = _Subset(keep, layout, gen_index.to(device), und_index.to(device))
+    return state.subsets[keep]
+
+
+@torch.compiler.disable
+def _narrow(state: _StepCacheState, forward: _Forward, model_config, index: int, und, gen, text_kv, rope):
+    """Layer `index`'s arguments for the computing samples alone: the streams cut once (at the first layer that
+    narrows), the text K/V and rotary tables cut once per request."""
+    if forward.subset is None:
+        forward.subset = _subset(state, forward, model_config, gen.device)
+    subset = forward.subset
+    if not forward.narrowed:
+        gen = gen.index_select(0, subset.gen_index)
+        und = None if und is None else und.index_select(0, subset.und_index)
+        forward.narrowed = True
+    if text_kv is not None:
+        kept = subset.text_kv.get(index)
+        if kept is None or kept[0] is not text_kv[0]:
+            kept = (text_kv[0], tuple(x.index_select(0, subset.und_index) for x in text_kv))
+            subset.text_kv[index] = kept
+        text_kv = kept[1]
+    if subset.rope is None or any(a is not b for a, b in zip(subset.rope[0], rope)):
+        und_rope, gen_rope = rope
+        cut = (None if und_rope is None else tuple(x.index_select(0, subset.und_index) for x in und_rope),
+               tuple(x.index_select(0, subset.gen_index) for x in gen_rope))
+        subset.rope = (rope, cut)
+    return und, gen, text_kv, subset.rope[1], subset.layout
+
+
+def _computed(forward: _Forward, out: Tensor) -> dict[int, Tensor]:
+    """Each computing sample's rows of `out` (the full stream, or the subset's once narrowed)."""
+    if forward.narrowed:
+        return dict(zip(forward.subset.keep, (_rows(out, r) for r in _sample_bounds(forward.subset.layout))))
+    return {b: _rows(out, r) for b, r in enumerate(forward.bounds) if forward.compute[b]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,7 +227,8 @@ class _RootHook(ModelHook):
         if forward is not None:
             state = self.state_manager.get_state()
             if state.layout is not forward.layout or forward.step_index == 0:
-                state.rows = {}  # a new request (or a new trajectory of the same one)
+                # a new request (or a new trajectory of the same one)
+                state.rows, state.subsets = {}, {}
                 state.layout = forward.layout
                 self.decisions = []
             state.forward = forward
@@ -215,34 +284,67 @@ def _step_metadata(context) -> _SeaCacheForwardMetadata | None:
     return _SeaCacheForwardMetadata(step_index=step, sigma=sigma, num_inference_steps=count)
 
 
-class _LeaderHook(ModelHook):
-    """On the first layer: each sample's decision, then the layer (FirstBlockCache: always; SeaCache: unless every
-    sample reuses its residual)."""
+class _LayerHook(ModelHook):
+    """What the layer hooks share: the current call's record, and how a partial step narrows a layer's inputs."""
 
-    def __init__(self, config, state_manager: StateManager, shared: SeaCacheSharedState):
+    def __init__(self, config, state_manager: StateManager, model_config, index: int):
         super().__init__()
-        self.config, self.state_manager, self.shared = config, state_manager, shared
+        self.config, self.state_manager, self.model_config, self.index = config, state_manager, model_config, index
 
     @torch.compiler.disable
+    def _active(self, gen, layout) -> _Forward | None:
+        if self.state_manager._context is None:
+            return None
+        forward = self.state_manager.get_state().forward
+        # the text tower alone (gen None) or another layout than the call's: not a step of this trajectory
+        return None if forward is None or gen is None or layout is not forward.layout else forward
+
+    def _narrow(self, forward, und, gen, text_kv, rope):
+        return _narrow(self.state_manager.get_state(), forward, self.model_config, self.index, und, gen, text_kv,
+                       rope)
+
+
+class _LeaderHook(_LayerHook):
+    """On the first layer: each sample's decision, then the layer, on the samples that compute (FirstBlockCache:
+    on all of them, its decision needs this layer's output)."""
+
+    def __init__(self, config, state_manager: StateManager, shared: SeaCacheSharedState, model_config):
+        super().__init__(config, state_manager, model_config, 0)
+        self.shared = shared
+
     def new_forward(self, module, und, gen, text_kv, rope, layout, backend):
-        forward = self._active()
-        if forward is None or gen is None or layout is not forward.layout:
+        forward = self._active(gen, layout)
+        if forward is None:
             return self.fn_ref.original_forward(und, gen, text_kv, rope, layout, backend)
+        if isinstance(self.config, SeaCacheConfig):
+            if not self._sea_decisions(forward, gen):
+                return und, gen, text_kv
+            if not all(forward.compute):
+                und, gen, text_kv, rope, layout = self._narrow(forward, und, gen, text_kv, rope)
+            return self.fn_ref.original_forward(und, gen, text_kv, rope, layout, backend)
+        und, out, text_kv = self.fn_ref.original_forward(und, gen, text_kv, rope, layout, backend)
+        return und, self._first_block_decisions(forward, gen, out), text_kv
+
+    @torch.compiler.disable
+    def _sea_decisions(self, forward: _Forward, gen: Tensor) -> bool:
+        """Decide each sample; False when none computes (the final norm then returns `forward.out`)."""
         state = self.state_manager.get_state()
         forward.gen_in = gen
-        if isinstance(self.config, SeaCacheConfig):
-            for b, bounds in enumerate(forward.bounds):
-                row = state.rows.setdefault(b, SeaCacheContextState())
-                residual = self._sea_decision(row, forward, b, _rows(gen, bounds))
-                forward.compute.append(residual is None)
-                forward.reuse.append(residual)
-            if not any(forward.compute):
-                forward.skip_all = True
-                forward.out = torch.cat([_rows(gen, bounds) + r for bounds, r in zip(forward.bounds, forward.reuse)])
-                return und, gen, text_kv
-            return self.fn_ref.original_forward(und, gen, text_kv, rope, layout, backend)
+        for b, bounds in enumerate(forward.bounds):
+            row = state.rows.setdefault(b, SeaCacheContextState())
+            residual = self._sea_decision(row, forward, b, _rows(gen, bounds))
+            forward.compute.append(residual is None)
+            forward.reuse.append(residual)
+        if any(forward.compute):
+            return True
+        forward.skip_all = True
+        forward.out = torch.cat([_rows(gen, bounds) + r for bounds, r in zip(forward.bounds, forward.reuse)])
+        return False
 
-        und, out, text_kv = self.fn_ref.original_forward(und, gen, text_kv, rope, layout, backend)
+    @torch.compiler.disable
+    def _first_block_decisions(self, forward: _Forward, gen: Tensor, out: Tensor) -> Tensor:
+        """Decide each sample from the first layer's residual; with none computing, the stack's output at once."""
+        state = self.state_manager.get_state()
         forward.head_out = out
         for b, bounds in enumerate(forward.bounds):
             row = state.rows.setdefault(b, _FirstBlockRow())
@@ -252,15 +354,10 @@ class _LeaderHook(ModelHook):
                 row.head_residual = residual
             forward.compute.append(compute)
             forward.reuse.append(None if compute else row.tail_residual)
-        if not any(forward.compute):
-            forward.skip_all = True
-            out = torch.cat([_rows(out, bounds) + r for bounds, r in zip(forward.bounds, forward.reuse)])
-        return und, out, text_kv
-
-    def _active(self) -> _Forward | None:
-        if self.state_manager._context is None:
-            return None
-        return self.state_manager.get_state().forward
+        if any(forward.compute):
+            return out
+        forward.skip_all = True
+        return torch.cat([_rows(out, bounds) + r for bounds, r in zip(forward.bounds, forward.reuse)])
 
     def _sea_decision(self, row: SeaCacheContextState, forward: _Forward, b: int, gen: Tensor) -> Tensor | None:
         """The residual sample `b` reuses this step, or None when its layers must run (diffusers'
@@ -312,36 +409,46 @@ def _first_block_changed(row: _FirstBlockRow, residual: Tensor, threshold: float
     return change.item() > threshold
 
 
-class _BlockHook(ModelHook):
-    """On the other layers: skipped when every sample reuses; FirstBlockCache's last layer records and merges."""
+class _BlockHook(_LayerHook):
+    """On the other layers: passed through when no sample computes, run on the computing samples' rows otherwise;
+    FirstBlockCache's last layer records their residuals and puts the reused ones in place."""
 
-    def __init__(self, config, state_manager: StateManager, is_tail: bool):
-        super().__init__()
-        self.config, self.state_manager, self.is_tail = config, state_manager, is_tail
+    def __init__(self, config, state_manager: StateManager, model_config, index: int, is_tail: bool):
+        super().__init__(config, state_manager, model_config, index)
+        self.is_tail = is_tail
 
     def new_forward(self, module, und, gen, text_kv, rope, layout, backend):
-        forward = None if self.state_manager._context is None else self.state_manager.get_state().forward
-        if forward is not None and forward.skip_all and forward.compute:
+        forward = self._active(gen, layout)
+        if forward is None or not forward.compute:
+            return self.fn_ref.original_forward(und, gen, text_kv, rope, layout, backend)
+        if forward.skip_all:
             return und, gen, text_kv
+        if not all(forward.compute):
+            und, gen, text_kv, rope, layout = self._narrow(forward, und, gen, text_kv, rope)
         output = self.fn_ref.original_forward(und, gen, text_kv, rope, layout, backend)
-        if forward is None or not self.is_tail or not forward.compute or forward.head_out is None:
-            return output
-        # FirstBlockCache: the rest of the stack's residual per sample, measured from the first layer's output
+        if self.is_tail and forward.head_out is not None:
+            return self._merge(forward, output)
+        return output
+
+    @torch.compiler.disable
+    def _merge(self, forward: _Forward, output):
+        """FirstBlockCache: the rest of the stack's residual per computing sample (from the first layer's output),
+        and the full stream."""
         und, out, text_kv = output
-        state, pieces = self.state_manager.get_state(), []
+        state, computed, pieces = self.state_manager.get_state(), _computed(forward, out), []
         for b, bounds in enumerate(forward.bounds):
             head = _rows(forward.head_out, bounds)
             if forward.compute[b]:
-                state.rows[b].tail_residual = (_rows(out, bounds) - head).detach().clone()
-                pieces.append(_rows(out, bounds))
+                state.rows[b].tail_residual = (computed[b] - head).detach()
+                pieces.append(computed[b])
             else:
                 pieces.append(head + forward.reuse[b])
-        return und, torch.cat(pieces), text_kv
+        return und, out if all(forward.compute) else torch.cat(pieces), text_kv
 
 
 class _NormHook(ModelHook):
     """On the generation tower's final norm, SeaCache's boundary: records each computing sample's residual and puts
-    the reused ones in place."""
+    the reused ones in place (the stream in is the computing samples' rows alone in a partial step)."""
 
     def __init__(self, config, state_manager: StateManager):
         super().__init__()
@@ -355,19 +462,19 @@ class _NormHook(ModelHook):
         if forward.skip_all:
             return forward.out
         out = self.fn_ref.original_forward(hidden)
-        state, pieces = self.state_manager.get_state(), []
+        state, computed, pieces = self.state_manager.get_state(), _computed(forward, out), []
         for b, bounds in enumerate(forward.bounds):
             row = state.rows[b]
             if forward.compute[b]:
                 row.consecutive_cached = 0
                 if row.cacheable:
-                    residual = (_rows(out, bounds) - _rows(forward.gen_in, bounds)).detach().clone()
+                    residual = (computed[b] - _rows(forward.gen_in, bounds)).detach()
                     row.history = [*row.history, (forward.metadata.step_index, None, residual)]
                     row.history = row.history[-(self.config.residual_order + 1) :]
-                pieces.append(_rows(out, bounds))
+                pieces.append(computed[b])
             else:
                 pieces.append(_rows(forward.gen_in, bounds) + forward.reuse[b])
-        return torch.cat(pieces)
+        return out if all(forward.compute) else torch.cat(pieces)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -393,9 +500,10 @@ def apply_step_cache(model: Cosmos3Transformer, config) -> None:
 
     try:
         register(model, _RootHook(config, state_manager, shared), _ROOT_HOOK)
-        register(model.layers[0], _LeaderHook(config, state_manager, shared), _LEADER_HOOK)
+        register(model.layers[0], _LeaderHook(config, state_manager, shared, model.config), _LEADER_HOOK)
         for i, layer in enumerate(model.layers[1:], start=1):
-            register(layer, _BlockHook(config, state_manager, is_tail=i == len(model.layers) - 1), _BLOCK_HOOK)
+            register(layer, _BlockHook(config, state_manager, model.config, i, is_tail=i == len(model.layers) - 1),
+                     _BLOCK_HOOK)
         if isinstance(config, SeaCacheConfig):
             register(model.norm_moe_gen, _NormHook(config, state_manager), _NORM_HOOK)
     except Exception:
@@ -454,25 +562,46 @@ Cosmos3Transformer.disable_cache = _disable_cache
 CONTEXT_NAME = "cosmos3_step"
 
 
-def cached_step_factory(inner):
-    """A `model_step_factory` that runs `inner`'s steps (eager or graph, None: eager) inside the transformer's
-    cache context, with the step index and sigma looked up from `pipe.scheduler` at call time."""
+def _check_pipeline(pipe, inner) -> None:
+    if getattr(pipe, "_graph_capture", False) and inner is type(pipe).graph_model_step:
+        raise ValueError("Step caching cannot run inside a captured CUDA graph (a graph replays one fixed "
+                         "computation; the cache skips layers per step). Use enable_cuda_graphs(capture=False), "
+                         "or turn caching off with pipe.enable_step_cache(None) / pipe.transformer.disable_cache().")
+    if pipe.config.distilled_sigmas:
+        # a student's every step is a large jump along its fixed schedule, often with fresh noise: a reused step
+        # drops a quarter of its denoising, where a teacher's 35 steps lose a near-repeat
+        raise ValueError(f"Step caching is off for distilled checkpoints (this one has a fixed "
+                         f"{len(pipe.config.distilled_sigmas)}-step schedule); turn it off with "
+                         "pipe.enable_step_cache(None) / pipe.transformer.disable_cache().")
+
+
+def _step_attribute(pipe) -> str:
+    # transfer runs its own loop over a batch of guidance branches, its model steps made by `branch_step_factory`
+    return "branch_step_factory" if hasattr(type(pipe), "branch_step_factory") else "model_step_factory"
+
+
+def cached_step_factory(inner, own_schedule: bool = False):
+    """A step factory (`model_step_factory`, or transfer's `branch_step_factory` with `own_schedule`) that runs
+    `inner`'s steps (eager or graph, None: eager) inside the transformer's cache context, with the step index and
+    sigma of the step's timestep: looked up in `pipe.scheduler` at call time, or (`own_schedule`: transfer steps
+    copies of it, one per sample and window) in a copy set for `pipe.num_timesteps` steps when the factory runs."""
 
     def factory(pipe, layout, inputs):
-        if getattr(pipe, "_graph_capture", False) and inner is type(pipe).graph_model_step:
-            raise ValueError("Step caching cannot run inside a captured CUDA graph (a graph replays one fixed "
-                             "computation; the cache skips layers per step). Use enable_cuda_graphs(capture=False) "
-                             "or disable_step_cache().")
+        _check_pipeline(pipe, inner)
         step = (inner or type(pipe).eager_model_step)(pipe, layout, inputs)
+        scheduler = pipe.scheduler
+        if own_schedule:
+            scheduler = copy.deepcopy(pipe.scheduler)
+            scheduler.set_timesteps(pipe.num_timesteps, device=pipe._execution_device)
 
         def cached_step(vision, t, sound, action):
-            timesteps = pipe.scheduler.timesteps
+            timesteps = scheduler.timesteps
             where = torch.nonzero(timesteps == t.to(timesteps.device)).flatten()
             if where.numel() != 1:
                 raise RuntimeError(f"Step caching could not place timestep {t.item()} in the schedule "
                                    f"{timesteps.tolist()}.")
             i = int(where[0])
-            sigma = float(pipe.scheduler.sigmas[i])
+            sigma = float(scheduler.sigmas[i])
             with pipe.transformer.cache_context(CONTEXT_NAME, step_index=i, sigma=sigma,
                                                 num_inference_steps=len(timesteps)):
                 return step(vision, t, sound, action)
@@ -487,16 +616,15 @@ def cached_step_factory(inner):
 def enable_pipeline_step_cache(pipe, config) -> None:
     """`pipe.enable_step_cache(config)`: a preset name, a SeaCacheConfig or FirstBlockCacheConfig, or None to turn
     caching off."""
-    factory = pipe.model_step_factory
+    attribute = _step_attribute(pipe)
+    factory = getattr(pipe, attribute)
     inner = factory.inner if getattr(factory, "is_step_cache", False) else factory
     if pipe.transformer.is_cache_enabled:
         pipe.transformer.disable_cache()
     if config is None:
-        pipe.model_step_factory = inner
+        setattr(pipe, attribute, inner)
         return
     config = resolve_config(config)
-    if getattr(pipe, "_graph_capture", False) and inner is type(pipe).graph_model_step:
-        raise ValueError("Step caching cannot run inside a captured CUDA graph (a graph replays one fixed "
-                         "computation; the cache skips layers per step). Use enable_cuda_graphs(capture=False).")
+    _check_pipeline(pipe, inner)
     pipe.transformer.enable_cache(config)
-    pipe.model_step_factory = cached_step_factory(inner)
+    setattr(pipe, attribute, cached_step_factory(inner, own_schedule=attribute == "branch_step_factory"))

@@ -125,6 +125,23 @@ class SourcePipe:
         return SimpleNamespace(frames=np.stack(frames))
 
 
+def test_position_agreement_finds_the_object_and_its_offset():
+    clip = np.full((3, 64, 64, 3), 90, np.uint8)  # a flat grey background
+    clip[:, 10:20, 30:40] = (250, 20, 20)  # a 10x10 red square
+    assert evaluate.foreground(clip).sum() == 3 * 100
+    assert evaluate.position_agreement(clip, clip) == {"iou": 1.0, "centroid_px": 0.0}
+    moved = np.roll(clip, (3, 4), axis=(1, 2))
+    score = evaluate.position_agreement(moved, clip)
+    assert score["centroid_px"] == pytest.approx(5.0)  # a 3-4-5 shift
+    assert score["iou"] == pytest.approx(42 / 158)  # 7x6 overlap of two 10x10 squares
+    empty = np.full_like(clip, 90)
+    assert evaluate.position_agreement(empty, clip) == {"iou": 0.0, "centroid_px": 32.0}
+    with pytest.raises(ValueError, match="different shapes"):
+        evaluate.position_agreement(clip[:2], clip)
+    with pytest.raises(ValueError, match=r"\[T, H, W, 3\]"):
+        evaluate.foreground(clip[..., 0])
+
+
 def test_edge_agreement_is_one_for_the_source_and_lower_for_other_clips(shape_clips):
     _, clips, prompts = shape_clips
     assert len(clips) == 4 and clips[0].shape == (5, 64, 64, 3) and clips[0].dtype == np.uint8
@@ -135,6 +152,8 @@ def test_edge_agreement_is_one_for_the_source_and_lower_for_other_clips(shape_cl
     assert other["f1"] < 0.8 * same["f1"]
     # the shuffled baseline is exactly what a pipeline drawing the next clip gets
     assert other["f1"] == pytest.approx(same["shuffled"]["f1"])
+    assert same["position"] == {"iou": 1.0, "centroid_px": 0.0}
+    assert other["position"] == pytest.approx(same["position_shuffled"])
     with pytest.raises(ValueError, match="one prompt per clip"):
         evaluate.edge_agreement(SourcePipe(clips, prompts), clips, prompts[:2])
 
