@@ -9,6 +9,7 @@
 #                                    bash benchmarks/gpu_session.sh step       (t2v step, t2i, MoT layer)
 #                                    bash benchmarks/gpu_session.sh e2e        (distilled t2v, Edge policy, memory)
 #                                    bash benchmarks/gpu_session.sh i2v
+#                                    bash benchmarks/gpu_session.sh stepcache  (step caches, Nano 480p t2v)
 # Each part writes one log per command under $OUT (the device tool brings it back; ./gpu-logs elsewhere) and ends
 # with a line per command: its name and exit status; the part exits nonzero if any command failed. A command over
 # its time limit is stopped and the part goes on; the limits of a part add up to less than a call's 600 s.
@@ -76,8 +77,13 @@ case "$part" in
         setup
         run i2v 500 python3 benchmarks/workloads.py i2v $full --compile --fused-kernels --repeats 1
         ;;
+    stepcache)
+        setup
+        run step_cache 560 python3 benchmarks/step_cache.py --device cuda --dtype bfloat16 --size nano --tasks t2v \
+            --steps 35 --frames 93 --height 480 --width 832
+        ;;
     *)
-        echo "usage: bash benchmarks/gpu_session.sh wheels|tests|step|e2e|i2v" >&2
+        echo "usage: bash benchmarks/gpu_session.sh wheels|tests|step|e2e|i2v|stepcache" >&2
         exit 2
         ;;
 esac

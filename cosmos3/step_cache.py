@@ -16,15 +16,19 @@ num_inference_steps=)`, as the reference `Cosmos3OmniPipeline` enters per forwar
   their residual of that step. diffusers' own hook cannot run on the reference Cosmos 3 transformer (its layer has
   no `hidden_states` argument), so this one follows the algorithm, not a reference run.
 
-Per-sample decisions: our step runs the guided batch `[samples..., negatives...]` in one forward; every row of that
-batch keeps its own trajectory (the reference's "cond" and "uncond" contexts decide separately), so a batch makes
-the decisions each of its samples would make alone. The layers run when any row needs them; rows that reuse their
-residual take it in place of what the layers computed for them. With every row reusing, the layers do not run.
+Per-sample decisions: our step runs the guided batch `[samples..., negatives...]` (transfer: every guidance branch)
+in one forward; every row of that batch keeps its own trajectory (the reference's "cond" and "uncond" contexts decide
+separately), so a batch makes the decisions each of its samples would make alone. The layers run on the rows that
+compute and only on them: a partial step cuts the packed streams, the text K/V and the rotary tables to those
+samples (a layout of their own, built once per request and pattern of decisions) and puts the reusing rows' `input +
+residual` back at the boundary. With every row reusing, the layers do not run at all.
 
 Inference only: with autograd enabled, without a cache context, or without the step coordinates, the model runs in
-full (warned once), as diffusers' SeaCache does. The text K/V cache is unaffected (the text tower is not part of a
-step). A captured CUDA graph replays one fixed computation, so it cannot skip per step: `enable_step_cache` refuses
-`enable_cuda_graphs(capture=True)`; `capture=False` works.
+full (warned once), as diffusers' SeaCache does. Composes with the text K/V cache (cut per partial step, never
+recomputed) and with regional compilation (`compile_repeated_blocks`: the decisions are graph breaks, a partial
+batch is one more shape). A captured CUDA graph replays one fixed computation, so it cannot skip per step:
+`enable_cuda_graphs(capture=True)` with a step cache is refused; `capture=False` works. Distilled (few-step)
+checkpoints refuse caching: each of their steps is a large jump, not a near-repeat.
 """
 
 from __future__ import annotations

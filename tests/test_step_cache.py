@@ -1,5 +1,7 @@
-"""Step caches (cosmos3/step_cache.py): SeaCache against diffusers' SeaCache on the reference pipeline, per-sample
-decisions in a guided batch, FirstBlockCache, and how both compose with the text K/V cache and the graph runner."""
+"""Step caches (cosmos3/step_cache.py): SeaCache against diffusers' SeaCache on the reference pipelines (transfer's
+modular one included), per-sample decisions in a guided batch with the layers run on the computing rows only,
+FirstBlockCache, and how both compose with the text K/V cache, the graph runner, regional compile and the distilled
+students (refused)."""
 
 import copy
 
@@ -16,7 +18,12 @@ from diffusers.hooks import HookRegistry
 from PIL import Image
 
 from cosmos3 import Cosmos3Sample
-from cosmos3.pipelines import Cosmos3ImageToVideoPipeline, Cosmos3TextToImagePipeline, Cosmos3TextToVideoPipeline
+from cosmos3.pipelines import (
+    Cosmos3ImageToVideoPipeline,
+    Cosmos3TextToImagePipeline,
+    Cosmos3TextToVideoPipeline,
+    Cosmos3TransferPipeline,
+)
 from cosmos3.step_cache import step_cache_decisions
 from cosmos3.testing import reference_transformer, tiny_parts
 
@@ -129,9 +136,18 @@ def test_batched_equals_single_with_caching(components, config):
     pipe.enable_step_cache(config)
     kwargs = dict(VIDEO, guidance_scale=4.0)
     prompts, negatives = ["a red car", "waves at dusk on a long beach"], ["blurry", None]
+    model = pipe.transformer
+    lengths, rows_run = [], []
+    handles = [model.register_forward_pre_hook(lambda _, args: lengths.append(args[0].gen_lengths)),
+               model.layers[-1].mlp_moe_gen.register_forward_hook(lambda _, args, out: rows_run.append(len(args[0])))]
     batch = pipe(prompts, negative_prompt=negatives, generator=[gen(0), gen(1)], **kwargs).frames
-    batch_decisions = step_cache_decisions(pipe.transformer)
+    for handle in handles:
+        handle.remove()
+    batch_decisions = step_cache_decisions(model)
     assert any(len(set(rows)) > 1 for _, rows in batch_decisions)  # the samples disagree at some step
+    # the layers run on the rows that compute, and only on them
+    expected = [sum(n for n, ran in zip(lengths[k], rows) if ran) for k, (_, rows) in enumerate(batch_decisions)]
+    assert rows_run == [n for n in expected if n]
     reused = 0
     for i, (prompt, negative) in enumerate(zip(prompts, negatives)):
         single = pipe(prompt, negative_prompt=negative, generator=gen(i), **kwargs).frames
@@ -250,3 +266,77 @@ def test_indicator_leaves_out_control_clips(components):
     x = torch.randn(8, 6, 4, 4)
     (latent,) = _output_latents(x, layout, 0)
     assert torch.equal(latent, x[:, 3:])
+
+
+def test_transfer_matches_the_modular_reference(components, tiny_tokenizer):
+    """Transfer's three guidance branches in one batch decide as the reference's three forwards ("cond",
+    "cond_no_control", "uncond"); caching off again is bit-identical."""
+    from diffusers.modular_pipelines.cosmos import Cosmos3OmniBlocks, Cosmos3OmniModularPipeline
+
+    parts, _ = components
+    ours = pipeline(Cosmos3TransferPipeline, parts)
+    reference = Cosmos3OmniModularPipeline(blocks=Cosmos3OmniBlocks(), config_dict={"enable_safety_checker": False})
+    reference.update_components(transformer=reference_transformer(parts["transformer"]),
+                                vae=copy.deepcopy(parts["vae"]), text_tokenizer=tiny_tokenizer,
+                                scheduler=copy.deepcopy(parts["scheduler"]))
+    stack = [reference._blocks]
+    while stack:
+        block = stack.pop()
+        if hasattr(block, "set_progress_bar_config"):
+            block.set_progress_bar_config(disable=True)
+        stack += list(getattr(block, "sub_blocks", {}).values())
+    edge = (torch.rand(9, 1, 32, 48, generator=gen(5)) > 0.85).float().expand(-1, 3, -1, -1).contiguous()
+    kwargs = dict(control_videos={"edge": edge}, height=32, width=48, negative_prompt="blurry",
+                  num_inference_steps=8, guidance_scale=4.0, control_guidance=2.0, output_type="np")
+    plain = ours("a red car", generator=gen(6), **kwargs).frames
+    reference.transformer.enable_cache(SeaCacheConfig())
+    calls = record_reference_decisions(reference)
+    expected = reference(prompt="a red car", generator=gen(6), output="videos", **kwargs)
+    ours.enable_step_cache("balanced")
+    got = ours("a red car", generator=gen(6), **kwargs).frames
+    decisions = step_cache_decisions(ours.transformer)
+    for name, row in (("cond", 0), ("cond_no_control", 1), ("uncond", 2)):
+        assert [(step, ran) for context, step, ran in calls if context == name] == [(s, r[row]) for s, r in decisions]
+    assert 0 < sum(not r[0] for _, r in decisions) < 8
+    assert np.abs(got[0] - expected).max() <= 1e-4
+    ours.enable_step_cache(None)
+    assert ours.branch_step_factory is None and not has_cache_hooks(ours.transformer)
+    assert np.array_equal(ours("a red car", generator=gen(6), **kwargs).frames, plain)
+
+
+def test_regional_compile_composes(components):
+    """`compile_repeated_blocks` (as cosmos3.optimize and the benchmarks apply it) with a partial batch: the same
+    decisions and outputs as eager. aot_eager traces what inductor would (dynamo, guards, graph breaks at the
+    cache's decisions) without generating C++ on the CPU."""
+    parts, _ = components
+    pipe = pipeline(Cosmos3TextToVideoPipeline, parts)
+    pipe.enable_step_cache(SeaCacheConfig(threshold=0.2))
+    kwargs = dict(VIDEO, guidance_scale=4.0)
+    prompts, negatives = ["a red car", "waves at dusk on a long beach"], ["blurry", None]
+    eager = pipe(prompts, negative_prompt=negatives, generator=[gen(0), gen(1)], **kwargs).frames
+    decisions = step_cache_decisions(pipe.transformer)
+    assert any(len(set(rows)) > 1 for _, rows in decisions)
+    torch._dynamo.reset()
+    try:
+        pipe.transformer.compile_repeated_blocks(backend="aot_eager")
+        compiled = pipe(prompts, negative_prompt=negatives, generator=[gen(0), gen(1)], **kwargs).frames
+    finally:
+        torch._dynamo.reset()
+    assert step_cache_decisions(pipe.transformer) == decisions
+    assert np.abs(compiled - eager).max() <= 1e-5
+
+
+def test_distilled_students_refuse_caching(components):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    parts, _ = components
+    student = Cosmos3TextToVideoPipeline(**{**parts, "scheduler": FlowMatchEulerDiscreteScheduler(
+        stochastic_sampling=True, shift=1.0)}, distilled_sigmas=[1.0, 15 / 16, 5 / 6, 5 / 8])
+    student.set_progress_bar_config(disable=True)
+    assert not has_cache_hooks(student.transformer)  # off by default
+    with pytest.raises(ValueError, match="off for distilled checkpoints .* fixed 4-step schedule"):
+        student.enable_step_cache("fast")
+    student.transformer.enable_cache(SeaCacheConfig())  # the diffusers habit is refused at the call
+    with pytest.raises(ValueError, match="off for distilled checkpoints"):
+        student("a dog", num_frames=9, height=32, width=48, num_inference_steps=4, guidance_scale=1.0)
+    student.transformer.disable_cache()
