@@ -101,8 +101,8 @@ def test_distillation_brings_the_4_step_student_closer_to_the_teachers_many_step
     smaller here); at this size the spread barely changes (model error swamps that finer signal), which bounds the
     total (measured 2.94 -> 2.04, mean term 1.29 -> 0.32, 2026-12-03): the total's bound leaves room for the run's
     float rounding on another CPU, the mean term's is the one that tests the guidance. A student that does not
-    learn, or learns the wrong sign, fails both. The critic must also have learned the student's distribution: it fits the
-    student's samples better than the teacher it started from."""
+    learn, or learns the wrong sign, fails both. The critic must also have learned the student's distribution: it
+    fits the student's samples better than the teacher it started from."""
     pipe, prompts = teacher_pipeline
     teacher_state = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
     reference = samples(pipe, 30, GUIDANCE)
