@@ -1191,3 +1191,15 @@ if __name__ == "__main__":
     if sys.argv[1:] != ["--worker"]:
         sys.exit("cosmos3/io.py is a library; `--worker` runs the decoder process its readers start.")
     _worker_main()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an IP literal) is this machine only: the servers' default-safe bind check."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

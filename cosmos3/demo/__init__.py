@@ -28,11 +28,11 @@ gradio is imported lazily, so `cosmos3 --help` and the other subcommands neither
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 from typing import TYPE_CHECKING
 
 from ..assets import default_model_folder
+from ..io import is_loopback
 from .handlers import MAX_SEED, TABS, DemoApp, DemoLimits, user_facing_errors
 from .page import (
     CONCURRENCY_ID,
@@ -75,21 +75,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def launch(model_folder: str | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
            device: str | None = None, limits: DemoLimits | None = None, prevent_thread_lock: bool = False,
            quiet: bool = False) -> gr.Blocks:
     """Build and serve the demo (blocks until stopped unless `prevent_thread_lock`); returns the Blocks."""
     folder = model_folder if model_folder is not None else default_model_folder()
-    if not _is_loopback(host):
+    if not is_loopback(host):
         logger.warning("cosmos3 demo: binding %s makes the demo reachable from other machines; it has no login.", host)
         print(f"Warning: --host {host} makes the demo reachable from other machines, and it has no login.")
     limits = limits or DemoLimits()

@@ -8,7 +8,6 @@ OpenAI's `/v1/videos`). The model runs on `JobRunner`'s single worker thread.
 from __future__ import annotations
 
 import base64
-import ipaddress
 import json
 import logging
 import threading
@@ -17,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from ..io import is_loopback
 from .api import ApiError, Fields, ServeLimits, parse_body
 from .jobs import FINISHED, Job, JobRunner, Metrics
 from .model import ServedModel
@@ -26,15 +26,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 SOCKET_TIMEOUT_S = 60.0  # a client that stops sending mid-request loses its connection, not a thread forever
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_bind(host: Any, port: Any, allow_remote: bool) -> None:

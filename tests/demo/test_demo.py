@@ -346,8 +346,10 @@ def test_launch_options_are_safe():
 
 
 def test_only_loopback_hosts_count_as_local():
-    assert all(demo_module._is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "127.0.0.2"))
-    assert not any(demo_module._is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.5", "example.org"))
+    from cosmos3.io import is_loopback
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "127.0.0.2"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.5", "example.org"))
 
 
 def test_limits_are_validated():
